@@ -1,0 +1,75 @@
+"""Self-describing checkpoints: safetensors weights + a JSON of what built them.
+
+Nothing is ever unpickled: weights are safetensors, the description is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.atomic import atomic_path, write_json
+from pipeline.backbones import build_backbone
+from pipeline.engine import Classifier
+from pipeline.errors import PipelineError
+from pipeline.heads import Head
+from pipeline.paths import CONFIG_FILE, WEIGHTS_FILE
+
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(directory: Path, state: dict[str, torch.Tensor], config: dict) -> None:
+    """Write weights then config, each atomically; config last so its presence means complete."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    write_json(directory / CONFIG_FILE, {"format_version": FORMAT_VERSION, **config})
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise PipelineError(f"{path} is missing — run the stage that writes it (dvc repro)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path} is not valid JSON ({exc}) — re-run the stage") from None
+    if config.get("format_version") != FORMAT_VERSION:
+        raise PipelineError(f"{path}: unsupported checkpoint format {config.get('format_version')}")
+    return config
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        raise PipelineError(f"{path} is missing — run the stage that writes it (dvc repro)")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors refuses anything that is not safetensors
+        raise PipelineError(
+            f"{path} is not a safetensors weights file ({type(exc).__name__}) — it was not written "
+            "by this pipeline; re-run the stage"
+        ) from None
+
+
+def load_classifier(directory: Path) -> tuple[Classifier, dict]:
+    """Rebuild the assembled model (backbone + head) described by a checkpoint folder.
+
+    A head-only checkpoint ('head_only': true) stores just the head; its backbone is rebuilt
+    from the weights source named in the config.
+    """
+    config = read_config(directory)
+    state = read_weights(directory)
+    head = Head(config["num_features"], len(config["classes"]), config.get("dropout", 0.0))
+    if config.get("head_only"):
+        backbone = build_backbone(config["backbone"], config["backbone_weights"])
+        head.load_state_dict(state)
+    else:
+        backbone = build_backbone(config["backbone"], "none")
+        model = Classifier(backbone, head)
+        model.load_state_dict(state)
+        return model.eval(), config
+    return Classifier(backbone, head).eval(), config

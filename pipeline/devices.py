@@ -1,0 +1,70 @@
+"""The machine's fast paths, chosen at run time: device, autocast dtype, memory format.
+
+Same code on CPU and CUDA: CUDA when present; bf16 autocast where the hardware has it (CPUs
+with AVX-512 BF16 or AMX, measured ~4.6x fp32 for EfficientNet-Lite0 here), fp16 AMP on older
+GPUs, fp32 otherwise. channels_last everywhere: oneDNN and cuDNN both prefer it for convs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None = fp32
+
+    @property
+    def precision(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Move a batch to the device: pinned + non-blocking on CUDA, channels_last for 4-D."""
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        if x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def cpu_has_bf16() -> bool:
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def select_runtime(precision: str = "auto") -> Runtime:
+    """precision: auto | fp32 | bf16 | fp16. PIPELINE_DEVICE=cpu forces the CPU."""
+    forced = os.environ.get("PIPELINE_DEVICE")
+    use_cuda = torch.cuda.is_available() and forced != "cpu"
+    device = torch.device("cuda" if use_cuda else "cpu")
+    if precision == "fp32":
+        dtype = None
+    elif precision == "bf16":
+        dtype = torch.bfloat16
+    elif precision == "fp16":
+        dtype = torch.float16
+    elif use_cuda:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = torch.bfloat16 if cpu_has_bf16() else None
+    return Runtime(device=device, amp_dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,101 @@
+"""The Optuna side of finetune: storage, study identity, sampler, pruner, search space."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import optuna
+
+from pipeline import __version__
+from pipeline.params import Params
+from pipeline.paths import mlruns_dir
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    k: int
+    head_lr: float
+    backbone_lr: float
+    layer_decay: float
+    weight_decay: float
+
+
+def storage_url() -> str:
+    """OPTUNA_STORAGE (PostgreSQL URL for a team), else SQLite under the home mlruns/."""
+    url = os.environ.get("OPTUNA_STORAGE")
+    if url:
+        return url
+    mlruns_dir().mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{mlruns_dir() / 'optuna.db'}"
+
+
+def make_storage(url: str | None = None) -> optuna.storages.BaseStorage:
+    """RDB storage with heartbeats: a killed worker's trial is failed and retried, not left RUNNING."""
+    url = url or storage_url()
+    if url.endswith(".log") or url.startswith("journal:"):
+        path = url.removeprefix("journal:")
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=10,
+        grace_period=30,
+        heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+    )
+
+
+def study_name(params: Params, data_hash: str) -> str:
+    """Derived from everything that defines the search, so the same config continues one study
+    and any change to the space, data or trial recipe starts a new one."""
+    f = params.finetune
+    identity = {
+        "data": data_hash,
+        "backbone": asdict(params.backbone),
+        "image_size": params.data.image_size,
+        "extract": {"views": params.extract.views, "precision": params.extract.precision},
+        "space": {
+            "max_unfreeze": f.max_unfreeze, "head_lr": f.head_lr,
+            "backbone_lr_ratio": f.backbone_lr_ratio, "layer_decay": f.layer_decay,
+            "weight_decay": f.weight_decay,
+        },
+        "recipe": {
+            "epochs": f.epochs, "batch_size": f.batch_size, "label_smoothing": f.label_smoothing,
+            "bn_train": f.bn_train, "pruner": f.pruner, "warmup": f.pruner_warmup_epochs,
+        },
+        "train_head": asdict(params.train_head),
+        "seed": params.seed,
+        "code": __version__,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return f"finetune-{params.backbone.name}-{digest}"
+
+
+def make_pruner(params: Params) -> optuna.pruners.BasePruner:
+    f = params.finetune
+    if f.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=f.pruner_warmup_epochs)
+    if f.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, f.pruner_warmup_epochs),
+                                              max_resource=f.epochs)
+    return optuna.pruners.NopPruner()
+
+
+def make_sampler(params: Params) -> optuna.samplers.BaseSampler:
+    # seeded: a sequential study reproduces the same trials; few start-up trials because a
+    # study here is small
+    return optuna.samplers.TPESampler(seed=params.seed, n_startup_trials=4, multivariate=True)
+
+
+def suggest(trial: optuna.Trial, params: Params) -> TrialConfig:
+    f = params.finetune
+    k = trial.suggest_int("k", 0, f.max_unfreeze)
+    head_lr = trial.suggest_float("head_lr", *f.head_lr, log=True)
+    ratio = trial.suggest_float("backbone_lr_ratio", *f.backbone_lr_ratio, log=True)
+    decay = trial.suggest_float("layer_decay", *f.layer_decay)
+    wd = trial.suggest_float("weight_decay", *f.weight_decay, log=True)
+    return TrialConfig(k=k, head_lr=head_lr, backbone_lr=head_lr * ratio, layer_decay=decay,
+                       weight_decay=wd)
