@@ -42,8 +42,13 @@ def cpu_has_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
-def select_runtime(precision: str = "auto") -> Runtime:
-    """precision: auto | fp32 | bf16 | fp16. PIPELINE_DEVICE=cpu forces the CPU."""
+def select_runtime(precision: str = "auto", training: bool = False) -> Runtime:
+    """precision: auto | fp32 | bf16 | fp16. PIPELINE_DEVICE=cpu forces the CPU.
+
+    auto for *training* on the CPU is fp32: measured here, bf16 autocast made the backward of
+    EfficientNet's depthwise blocks 2.6x slower (60 vs 157 img/s for the top 3 blocks), while
+    for inference it is 4.6x faster.
+    """
     forced = os.environ.get("PIPELINE_DEVICE")
     use_cuda = torch.cuda.is_available() and forced != "cpu"
     device = torch.device("cuda" if use_cuda else "cpu")
@@ -55,6 +60,8 @@ def select_runtime(precision: str = "auto") -> Runtime:
         dtype = torch.float16
     elif use_cuda:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    elif training:
+        dtype = None
     else:
         dtype = torch.bfloat16 if cpu_has_bf16() else None
     return Runtime(device=device, amp_dtype=dtype)

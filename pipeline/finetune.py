@@ -34,7 +34,7 @@ class TrialRunner:
     def __init__(self, params: Params, study_name: str, parent_run_id: str):
         self.params = params
         self.meta = features.read_meta()
-        self.runtime = select_runtime(params.extract.precision)
+        self.runtime = select_runtime(params.finetune.precision, training=True)
         self.backbone = build_backbone(self.meta["backbone"], self.meta["backbone_weights"])
         head_config = read_config(paths.HEAD_DIR)
         self.head = Head(head_config["num_features"], len(head_config["classes"]),
@@ -128,8 +128,9 @@ def run_study(params: Params, runner: TrialRunner, name: str) -> optuna.Study:
     if done < n:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         timeout = params.finetune.timeout_minutes * 60 or None
+        # pruned trials do not count towards n; the cap only stops a study that prunes forever
         s.optimize(
-            runner, n_trials=None if timeout else 3 * n, timeout=timeout,
+            runner, n_trials=None if timeout else 10 * n, timeout=timeout,
             callbacks=[optuna.study.MaxTrialsCallback(n, states=complete)],
             catch=(), gc_after_trial=True,
         )

@@ -75,6 +75,7 @@ class FinetuneParams:
     pruner: str
     pruner_warmup_epochs: int
     timeout_minutes: float
+    precision: str
 
 
 @dataclass(frozen=True)
@@ -246,5 +247,7 @@ def _check_ranges(p: Params) -> None:
             f.pruner_warmup_epochs)
     require(f.timeout_minutes >= 0, "finetune.timeout_minutes", "must be 0 or more",
             f.timeout_minutes)
+    require(f.precision in _PRECISIONS, "finetune.precision", f"must be one of {_PRECISIONS}",
+            f.precision)
     v = p.evaluate
     require(v.batch_size >= 1, "evaluate.batch_size", "must be positive", v.batch_size)

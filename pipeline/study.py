@@ -65,6 +65,7 @@ def study_name(params: Params, data_hash: str) -> str:
         "recipe": {
             "epochs": f.epochs, "batch_size": f.batch_size, "label_smoothing": f.label_smoothing,
             "bn_train": f.bn_train, "pruner": f.pruner, "warmup": f.pruner_warmup_epochs,
+            "precision": f.precision,
         },
         "train_head": asdict(params.train_head),
         "seed": params.seed,
@@ -77,7 +78,7 @@ def study_name(params: Params, data_hash: str) -> str:
 def make_pruner(params: Params) -> optuna.pruners.BasePruner:
     f = params.finetune
     if f.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=f.pruner_warmup_epochs)
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=f.pruner_warmup_epochs)
     if f.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=max(1, f.pruner_warmup_epochs),
                                               max_resource=f.epochs)

@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny but real project (git + DVC + params) in a temp folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Shrunken params: 3 classes, tiny images, 2 trials — the real stages, seconds not minutes.
+TINY = {
+    "data": {"image_size": 64, "min_images_per_class": 6},
+    "shapes": {"classes": ["circle", "square", "triangle"], "images_per_class": 24,
+               "image_size": 64},
+    "extract": {"batch_size": 32, "views": 2, "cache_blocks": 2},
+    "train_head": {"epochs": 6, "patience": 3},
+    "finetune": {"n_trials": 2, "epochs": 2, "max_unfreeze": 2, "batch_size": 16,
+                 "pruner_warmup_epochs": 1},
+    "evaluate": {"model_name": "tiny-classifier"},
+}
+
+
+def tiny_params(overrides: dict | None = None) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in {**TINY, **(overrides or {})}.items():
+        if isinstance(values, dict):
+            params[section].update(values)
+        else:
+            params[section] = values
+    return params
+
+
+def project_env(project: Path) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PIPELINE_QUIET"] = "1"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("OPTUNA_STORAGE", None)
+    env.pop("PIPELINE_HOME", None)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 600, check: bool = True):
+    result = subprocess.run(cmd, cwd=cwd, env=project_env(cwd), capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+            f"{result.stderr[-5000:]}"
+        )
+    return result
+
+
+def make_project(path: Path, overrides: dict | None = None) -> Path:
+    """A fresh git + DVC repository holding this project's pipeline definition."""
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
+    shutil.copytree(ROOT / "pipeline", path / "pipeline",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (path / "params.yaml").write_text(yaml.safe_dump(tiny_params(overrides), sort_keys=False))
+    (path / ".gitignore").write_text("/mlruns/\n__pycache__/\n")
+    run(["git", "init", "-q"], path)
+    run(["git", "config", "user.email", "test@example.com"], path)
+    run(["git", "config", "user.name", "test"], path)
+    run([str(BIN / "dvc"), "init", "-q"], path)
+    run([str(BIN / "dvc"), "config", "core.analytics", "false"], path)
+    run(["git", "add", "-A"], path)
+    run(["git", "commit", "-qm", "init"], path)
+    return path
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "project")

@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.backbones import (
+    _SPLITTERS,
+    REGISTRY,
+    Backbone,
+    _timm_model,
+    build_backbone,
+    normalize,
+    spec_for,
+)
+from pipeline.devices import Runtime
+from pipeline.engine import Classifier, TopModel
+from pipeline.errors import PipelineError
+from pipeline.extract import forward_with_cuts
+from pipeline.heads import Head
+
+OFFLINE = [n for n, s in REGISTRY.items() if s.offline_package is None or "lite0" in n]
+
+
+@pytest.mark.parametrize("name", OFFLINE)
+def test_blocks_reproduce_the_timm_features(name):
+    """Cutting a model into blocks must not change what it computes."""
+    model = _timm_model(name, "none").eval()
+    ours = Backbone(name, _SPLITTERS[spec_for(name).family](model), model.num_features, {})
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        expected = model.forward_features(x).mean(dim=(2, 3))
+        assert torch.allclose(ours(x), expected, atol=1e-5)
+    assert ours.num_features == expected.shape[1]
+    assert len(ours.blocks) >= 5
+
+
+def test_unknown_backbone_lists_choices():
+    with pytest.raises(PipelineError, match="resnet50"):
+        build_backbone("resnet9000", "none")
+
+
+def test_missing_weights_file_is_clear(tmp_path):
+    with pytest.raises(PipelineError, match="does not exist"):
+        build_backbone("resnet18", str(tmp_path / "nope.safetensors"))
+
+
+def test_offline_weights_are_really_pretrained():
+    """ImageNet weights: scikit-image's cat is a cat class, its coffee an espresso (967)."""
+    from skimage import data
+
+    model = _timm_model("tf_efficientnet_lite0", "pretrained").eval()
+    config = build_backbone("tf_efficientnet_lite0", "none").input_config
+    for image, expected in ((data.chelsea(), {281, 282, 285}), (data.coffee(), {967})):
+        pixels = np.asarray(Image.fromarray(image).resize((224, 224), Image.BICUBIC)).copy()
+        with torch.no_grad():
+            logits = model(normalize(torch.from_numpy(pixels)[None], config))
+        assert int(logits.argmax()) in expected
+    # and random init is not: the same cat is not recognised
+    random_model = _timm_model("tf_efficientnet_lite0", "none").eval()
+    pixels = np.asarray(Image.fromarray(data.chelsea()).resize((224, 224))).copy()
+    with torch.no_grad():
+        assert int(random_model(normalize(torch.from_numpy(pixels)[None], config)).argmax()) not in {
+            281, 282, 285}
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 4])
+def test_cached_activations_reproduce_the_full_forward(k):
+    """A trial that trains the top k blocks on cached activations computes the same function."""
+    torch.manual_seed(0)
+    backbone = build_backbone("tf_efficientnet_lite0", "none")
+    head = Head(backbone.num_features, 3, dropout=0.0).eval()
+    x = torch.randn(3, 3, 64, 64)
+    fp32 = Runtime(torch.device("cpu"), None)
+    pooled, cuts = forward_with_cuts(backbone, x, 4, fp32)
+    cached_input = pooled if k == 0 else cuts[k].half().float()  # stored as float16
+    top = TopModel.top_of(backbone, head, k).eval()
+    with torch.no_grad():
+        full = Classifier(backbone, head)(x)
+        via_cache = top(cached_input)
+    assert torch.allclose(via_cache, full, atol=2e-2, rtol=1e-2)

@@ -1,0 +1,115 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.datasets import check_class_sizes, scan_source, split_of, validate_files
+from pipeline.errors import PipelineError
+from pipeline.images import UnusableImage, content_hash, decode_image
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_split_is_stable_when_images_are_added():
+    rng = np.random.default_rng(0)
+    digests = [content_hash(rng.bytes(64)) for _ in range(400)]
+    before = {d: split_of(d, 0.15, 0.2) for d in digests[:200]}
+    after = {d: split_of(d, 0.15, 0.2) for d in digests}  # 200 more images arrive
+    assert all(after[d] == s for d, s in before.items())
+    fractions = {s: list(after.values()).count(s) / 400 for s in ("train", "val", "test")}
+    assert abs(fractions["test"] - 0.2) < 0.07 and abs(fractions["val"] - 0.15) < 0.07
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped():
+    ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    decoded = decode_image(png_bytes(ramp), 64, 10**8)
+    assert decoded.pixels.shape == (64, 64, 3)
+    assert decoded.pixels.min() < 10 and decoded.pixels.max() > 245
+    assert 100 < decoded.pixels.mean() < 155  # a ramp, not a white sheet
+    assert any("8-bit" in c for c in decoded.conversions)
+
+
+def test_rgba_composited_on_white():
+    rgba = np.zeros((32, 32, 4), dtype=np.uint8)
+    rgba[..., 0] = 255  # red, fully transparent
+    decoded = decode_image(png_bytes(rgba), 32, 10**8)
+    assert (decoded.pixels == 255).all()
+
+
+def test_exif_orientation_applied():
+    array = np.zeros((20, 40, 3), dtype=np.uint8)
+    array[:, :20] = 255  # left half white
+    image = Image.fromarray(array)
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise when displayed
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif, quality=95)
+    decoded = decode_image(buffer.getvalue(), 16, 10**8)
+    assert decoded.width == 20 and decoded.height == 40  # portrait after orientation
+    top, bottom = decoded.pixels[:4].mean(), decoded.pixels[-4:].mean()
+    assert top > 200 and bottom < 50  # left edge became the top
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty file"),
+        (b"this is text, not a jpeg", "not a readable image"),
+    ],
+)
+def test_unusable_files_have_reasons(data, reason):
+    with pytest.raises(UnusableImage, match=reason):
+        decode_image(data, 32, 10**8)
+
+
+def test_truncated_jpeg_is_caught_by_full_decode():
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buffer, format="JPEG")
+    truncated = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    Image.open(io.BytesIO(truncated)).verify()  # verify() alone lets it through
+    with pytest.raises(UnusableImage, match="truncated"):
+        decode_image(truncated, 32, 10**8)
+
+
+def test_oversized_image_rejected_before_decoding():
+    with pytest.raises(UnusableImage, match="max_image_pixels"):
+        decode_image(png_bytes(np.zeros((100, 100, 3), np.uint8)), 32, max_pixels=5000)
+
+
+def test_folder_scan_quarantines_and_reports(tmp_path):
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            pixels = np.full((16, 16, 3), i * 40 + (label == "b") * 7, np.uint8)
+            (tmp_path / label / f"{i}.png").write_bytes(png_bytes(pixels))
+    (tmp_path / "a" / "broken.jpg").write_bytes(b"nope")
+    (tmp_path / "a" / ".DS_Store").write_bytes(b"\0\0")
+    (tmp_path / "a" / "copy.png").write_bytes((tmp_path / "a" / "0.png").read_bytes())
+    (tmp_path / "b" / "conflict.png").write_bytes((tmp_path / "a" / "1.png").read_bytes())
+    classes, files, ignored = scan_source(tmp_path)
+    result = validate_files(tmp_path, files, 16, 10**8)
+    assert classes == ["a", "b"]
+    assert [i["path"] for i in ignored] == ["a/.DS_Store"]
+    reasons = {q["path"]: q["reason"] for q in result.quarantined}
+    assert reasons["a/broken.jpg"].startswith("not a readable image")
+    assert "same content labelled as a and b" in reasons["b/conflict.png"]
+    assert "same content labelled as a and b" in reasons["a/1.png"]
+    assert [d["path"] for d in result.duplicates] == ["a/copy.png"]
+    assert sorted(a.relative for a in result.accepted) == ["a/0.png", "a/2.png", "b/0.png",
+                                                           "b/2.png"]
+
+
+def test_too_small_class_is_a_clear_error():
+    with pytest.raises(PipelineError, match="data.min_images_per_class"):
+        check_class_sizes(["a", "b"], ["a"] * 10 + ["b"] * 2, ["train"] * 12, 5)
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    with pytest.raises(PipelineError, match="not a folder"):
+        scan_source(tmp_path / "missing")

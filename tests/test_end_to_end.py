@@ -1,0 +1,98 @@
+"""The real stages under real DVC, MLflow and Optuna storage, on tiny generated data."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+import yaml
+from conftest import BIN, run
+
+pytestmark = pytest.mark.slow
+
+DVC = str(BIN / "dvc")
+
+
+def ran_stages(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+def test_pipeline_end_to_end(project, monkeypatch):
+    first = run([DVC, "repro"], project)
+    assert ran_stages(first.stdout) == {
+        "shapes", "prepare", "extract", "train_head", "finetune", "evaluate"
+    }
+    assert "head-only accuracy" in first.stdout and "fine-tuned accuracy" in first.stdout
+
+    evaluation = json.loads((project / "metrics/evaluate.json").read_text())
+    assert 0 <= evaluation["head_only"]["accuracy"] <= 1
+    assert evaluation["test_images"] > 0
+    report = json.loads((project / "data/prepared/report.json").read_text())
+    assert report["counts"]["accepted"] == 72
+
+    # self-describing checkpoint
+    config = json.loads((project / "models/finetuned/model.json").read_text())
+    assert config["classes"] == ["circle", "square", "triangle"]
+    assert config["backbone"] == "tf_efficientnet_lite0" and 0 <= config["k"] <= 2
+
+    # nothing changed: nothing re-runs
+    second = run([DVC, "repro"], project)
+    assert ran_stages(second.stdout) == set()
+
+    # one finetune param: only finetune and evaluate
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["finetune"]["weight_decay"] = [0.00001, 0.001]
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = run([DVC, "repro"], project)
+    assert ran_stages(third.stdout) == {"finetune", "evaluate"}
+
+    # MLflow: stage runs, nested trial runs with curves, and a loadable champion
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name("transfer-pipeline")
+    runs = client.search_runs([experiment.experiment_id], max_results=200)
+    stages = [r.data.tags.get("stage") for r in runs]
+    for stage in ("prepare", "extract", "train_head", "finetune", "evaluate"):
+        assert stage in stages
+    finetune_runs = [r for r in runs if r.data.tags.get("stage") == "finetune"]
+    trials = [r for r in runs if r.data.tags.get("stage") == "finetune-trial"]
+    parents = {r.info.run_id for r in finetune_runs}
+    assert len(trials) >= 4  # 2 studies x 2 trials
+    assert all(t.data.tags["mlflow.parentRunId"] in parents for t in trials)
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
+    curve = client.get_metric_history(trials[0].info.run_id, "val_accuracy")
+    assert len(curve) >= 1 and curve[0].step == 1
+
+    version = client.get_model_version_by_alias("tiny-classifier", "champion")
+    assert version.tags["data_hash"] and version.tags["git_commit"] != "unknown"
+    assert version.tags["optuna_study"].startswith("finetune-")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/tiny-classifier@champion")
+    import base64
+
+    png = next((project / "data/shapes/circle").glob("*.png"))
+    out = model.predict(
+        __import__("pandas").DataFrame({"image": [base64.b64encode(png.read_bytes()).decode()]})
+    )
+    assert out.loc[0, "label"] in config["classes"]
+    assert 0 < out.loc[0, "probability"] <= 1
+
+    # the Optuna study lives under mlruns/ and holds the completed trials
+    with sqlite3.connect(project / "mlruns" / "optuna.db") as db:
+        states = [row[0] for row in db.execute("select state from trials")]
+    assert states.count("COMPLETE") >= 4
+
+
+def test_dvc_experiment_with_changed_param(project):
+    run([DVC, "repro"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline"], project)
+    run([DVC, "exp", "run", "-S", "finetune.n_trials=3"], project)
+    shown = run([DVC, "exp", "show", "--no-pager", "--md"], project).stdout
+    assert "finetuned.accuracy" in shown or "accuracy" in shown
+    assert "n_trials" in shown

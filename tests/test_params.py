@@ -1,0 +1,47 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from pipeline.errors import PipelineError
+from pipeline.params import load_params, params_hash
+
+
+def write(tmp_path: Path, mutate) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    mutate(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_shipped_params_load():
+    params = load_params(ROOT / "params.yaml")
+    assert params.backbone.name == "tf_efficientnet_lite0"
+    assert len(params_hash(params)) == 16
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda p: p["finetune"].update(n_trails=3), "unknown key finetune.n_trails"),
+        (lambda p: p["finetune"].pop("epochs"), "missing key finetune.epochs"),
+        (lambda p: p["extract"].update(views="two"), "extract.views must be an integer"),
+        (lambda p: p["finetune"].update(head_lr=[-0.1, 0.01]), "finetune.head_lr"),
+        (lambda p: p["finetune"].update(backbone_lr_ratio=[0.1, 2.0]), "must not exceed 1.0"),
+        (lambda p: p["finetune"].update(max_unfreeze=99), "finetune.max_unfreeze"),
+        (lambda p: p["finetune"].update(bn_train="yes"), "finetune.bn_train must be true or false"),
+        (lambda p: p["data"].update(test_fraction=0.5, val_fraction=0.45), "at least 10%"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path, mutate, needle):
+    with pytest.raises(PipelineError) as info:
+        load_params(write(tmp_path, mutate))
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file_is_clear(tmp_path):
+    with pytest.raises(PipelineError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
