@@ -173,7 +173,7 @@ def check_class_sizes(
                 f"class {label!r} has {counts[label]} usable images, fewer than "
                 f"data.min_images_per_class={min_per_class} — add images or merge/remove the class"
             )
-    per_split = Counter(zip(labels, splits))
+    per_split = Counter(zip(labels, splits, strict=True))
     warnings = []
     for label in classes:
         if per_split[(label, "train")] == 0:

@@ -78,10 +78,8 @@ def extract_split(
     for start in range(0, n, batch_size):
         batch = torch.from_numpy(images[rows[start : start + batch_size]])  # reads one batch
         for view in range(views):
-            if view == 0:
-                pixels = batch
-            else:
-                pixels = torch.stack([augment(img, generator) for img in batch])
+            # view 0 is the image as is; the others are seeded augmentations of it
+            pixels = batch if view == 0 else torch.stack([augment(img, generator) for img in batch])
             x = runtime.to_input(normalize(pixels, backbone.input_config))
             pooled, cuts = forward_with_cuts(backbone, x, cache_blocks, runtime)
             arrays = {"pooled": pooled.float().cpu().numpy()}

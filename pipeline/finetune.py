@@ -20,7 +20,7 @@ from pipeline import features, paths, study, tracking
 from pipeline.atomic import atomic_path, write_json
 from pipeline.backbones import build_backbone
 from pipeline.checkpoints import read_config, read_weights, save_checkpoint
-from pipeline.devices import select_runtime, seed_everything
+from pipeline.devices import seed_everything, select_runtime
 from pipeline.engine import Classifier, EpochResult, TopModel, train
 from pipeline.freezing import freeze_all_but_top, param_groups
 from pipeline.heads import Head

@@ -175,7 +175,7 @@ def _coerce(hint, value, key: str):
             raise PipelineError(
                 f"params.yaml: {key} must be a [low, high] pair, got {value!r}"
             )
-        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     raise TypeError(f"unsupported param type {hint}")
 
 

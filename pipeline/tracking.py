@@ -112,9 +112,8 @@ def stage_run(stage: str, experiment: str, params: dict, tags: dict | None = Non
 
 def log_params(params: dict) -> None:
     """Log a flat dict of params in one batch (MLflow caps a batch at 100 params)."""
-    from mlflow.entities import Param
-
     import mlflow
+    from mlflow.entities import Param
 
     run = mlflow.active_run()
     items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
