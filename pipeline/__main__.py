@@ -28,7 +28,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="params file (default: params.yaml)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for stage, help_text in STAGES.items():
-        commands.add_parser(stage, help=f"stage: {help_text}")
+        sub = commands.add_parser(stage, help=f"stage: {help_text}")
+        if stage == "finetune":
+            sub.add_argument("--workers", type=int, default=None,
+                             help="local processes running trials in parallel (default: finetune.workers)")
+    worker = commands.add_parser(
+        "worker", help="join this project's finetune study and run trials (any machine sharing "
+                       "OPTUNA_STORAGE and MLFLOW_TRACKING_URI)")
+    worker.add_argument("--parent-run-id", default=None, help=argparse.SUPPRESS)
+    lineage = commands.add_parser("lineage", help="show where a registered version came from")
+    lineage.add_argument("version", help="registry version number")
+    lineage.add_argument("--model-name", default=None, help="registered model (default: evaluate.model_name)")
     predict = commands.add_parser("predict", help="predict image files/folders with a model")
     predict.add_argument("--model", required=True,
                          help='MLflow model URI, e.g. "models:/transfer-classifier@champion", '
@@ -41,11 +51,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in STAGES:
+        if args.command == "finetune":
+            from pipeline.finetune import main as finetune_main
+            from pipeline.params import load_params
+
+            if args.workers is not None and args.workers < 1:
+                raise PipelineError("--workers must be 1 or more")
+            finetune_main(load_params(args.params), workers=args.workers, params_path=args.params)
+        elif args.command in STAGES:
             from pipeline.params import load_params
 
             params = load_params(args.params)
             importlib.import_module(f"pipeline.{args.command}").main(params)
+        elif args.command == "worker":
+            from pipeline.finetune import worker_main
+            from pipeline.params import load_params
+
+            worker_main(load_params(args.params), args.parent_run_id)
+        elif args.command == "lineage":
+            from pipeline.lineage import describe
+            from pipeline.params import load_params
+
+            name = args.model_name or load_params(args.params).evaluate.model_name
+            print(describe(name, args.version))
         elif args.command == "predict":
             from pipeline.predict import main as predict_main
 

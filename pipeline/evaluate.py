@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 
-from pipeline import paths, registry, tracking
+from pipeline import gate, paths, registry, tracking
 from pipeline.atomic import write_json, write_text
 from pipeline.metrics import classification_report
 from pipeline.params import Params, params_hash
 from pipeline.progress import say
-from pipeline.serving import ImageClassifier, input_example
+from pipeline.serving import ImageClassifier, input_example, to_png_bytes
 
 STAGES_BEFORE = ("prepare", "extract", "train_head", "finetune")
 
@@ -36,17 +41,19 @@ def score(classifier: ImageClassifier, pixels: np.ndarray, labels: np.ndarray, b
     return predicted, classification_report(labels, predicted, classifier.classes)
 
 
-def compare_with_champion(name: str, classes: list[str], pixels, labels, batch_size):
-    """Score the current champion on *this* test split, so the comparison is like for like."""
+def champion_correctness(name: str, classes: list[str], pixels, labels, batch_size):
+    """Score the current champion on *this* test split, so the comparison is paired, per image.
+
+    Returns (champion version or None, per-image correctness or None when not comparable).
+    """
     current = registry.champion(name)
     if current is None:
         return None, None
-    checkpoint = registry.download_checkpoint(current)
-    champion_model = ImageClassifier(checkpoint)
+    champion_model = ImageClassifier(registry.download_checkpoint(current))
     if champion_model.classes != classes:
-        return current, None  # different label set: not comparable, the new model takes over
-    _, report = score(champion_model, pixels, labels, batch_size)
-    return current, report["accuracy"]
+        return current, None  # another label set: no paired comparison is possible
+    predicted, _ = score(champion_model, pixels, labels, batch_size)
+    return current, predicted == labels
 
 
 def write_plots(test: pd.DataFrame, classes: list[str], predictions: dict) -> None:
@@ -90,8 +97,8 @@ def main(params: Params) -> None:
             "finetune_gain": summary["finetune_gain"],
         })
         mlflow.log_dict({"finetuned": ft_report, "head_only": head_report}, "evaluation.json")
-        decision = register(params, name, ft_config, pixels, labels, weights_sha, test_hash,
-                            ft_report["accuracy"], mlrun.info.run_id)
+        decision = register(params, name, ft_config, pixels, labels, ft_pred, weights_sha, test_hash,
+                            mlrun.info.run_id)
         tracking.record_run("evaluate", mlrun.info.run_id)
     say(
         f"evaluate: {len(test)} test images — head-only accuracy {head_report['accuracy']:.4f} "
@@ -100,10 +107,12 @@ def main(params: Params) -> None:
     )
 
 
-def register(params, name, ft_config, pixels, labels, weights_sha, test_hash, accuracy, run_id):
+def register(params, name, ft_config, pixels, labels, ft_pred, weights_sha, test_hash, run_id):
+    """Register the fine-tuned model, then let the gate decide whether it becomes champion."""
     existing = registry.existing_version(name, weights_sha)
     if existing is not None:
         return f"registry: {name} v{existing.version} already holds these weights; nothing registered"
+    accuracy = float((ft_pred == labels).mean())
     data_hash = json.loads(paths.CLASSES.read_text())["data_hash"]
     tags = {
         "git_commit": tracking.git_commit(),
@@ -111,6 +120,7 @@ def register(params, name, ft_config, pixels, labels, weights_sha, test_hash, ac
         "params_hash": params_hash(params),
         "optuna_study": ft_config["study"],
         "optuna_trial": str(ft_config["trial"]),
+        "trial_run_id": ft_config.get("trial_run_id", ""),
         "unfrozen_blocks": str(ft_config["k"]),
         "backbone": ft_config["backbone"],
         "weights_sha256": weights_sha,
@@ -119,29 +129,37 @@ def register(params, name, ft_config, pixels, labels, weights_sha, test_hash, ac
         "evaluate_run_id": run_id,
         **{f"{stage}_run_id": tracking.recorded_run(stage) or "unknown" for stage in STAGES_BEFORE},
     }
-    current, champion_accuracy = compare_with_champion(
+    current, champion_correct = champion_correctness(
         name, ft_config["classes"], pixels, labels, params.evaluate.batch_size
     )
-    example_png = paths.PLOTS_DIR / "input_example.png"
-    from pipeline.serving import to_png_bytes
-
-    example_png.write_bytes(to_png_bytes(pixels[0]))
-    version = registry.log_and_register(name, paths.FINETUNED_DIR, input_example(example_png),
-                                        tags)
-    example_png.unlink()
+    decision = gate.decide(ft_pred == labels, champion_correct, params.evaluate.significance,
+                           params.evaluate.min_gain)
+    with tempfile.TemporaryDirectory() as tmp:
+        example_png = Path(tmp) / "input_example.png"
+        example_png.write_bytes(to_png_bytes(pixels[0]))
+        version = registry.log_and_register(name, paths.FINETUNED_DIR, input_example(example_png), tags)
     registry.set_alias(name, "challenger", version.version)
-    if current is None:
-        promote, why = True, "first version"
-    elif champion_accuracy is None:
-        promote, why = True, f"champion v{current.version} has other classes"
-    else:
-        promote = accuracy > champion_accuracy
-        why = (f"test accuracy {accuracy:.4f} vs champion v{current.version} "
-               f"{champion_accuracy:.4f} on the same test split")
-    if promote:
+    if decision.promote:
         registry.set_alias(name, "champion", version.version)
     client = tracking.client()
-    client.set_model_version_tag(name, version.version, "promoted", str(promote).lower())
-    client.set_model_version_tag(name, version.version, "promotion_reason", why)
-    verdict = "champion" if promote else "challenger (champion kept)"
-    return f"registry: {name} v{version.version} registered as {verdict} — {why}"
+    evidence = {**decision.as_tags(), "gate.champion_version": current.version if current else ""}
+    for key, value in evidence.items():
+        client.set_model_version_tag(name, version.version, key, value)
+    mlflow.log_dict(asdict(decision), "promotion_decision.json")
+    append_jsonl(paths.PROMOTION_LOG, {
+        "time": datetime.now(UTC).isoformat(timespec="seconds"), "model": name,
+        "version": version.version, "champion_version": current.version if current else None,
+        "test_split_hash": test_hash, **asdict(decision),
+    })
+    verdict = "champion" if decision.promote else "challenger (champion kept)"
+    versus = f" vs champion v{current.version}" if current else ""
+    return f"registry: {name} v{version.version} registered as {verdict}{versus} — {decision.reason}"
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one line and fsync: the promotion log only ever grows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())

@@ -4,43 +4,57 @@ Every trial starts from the trained head (LP-FT) and the pretrained blocks, and 
 top k blocks + head on the activations extract cached at their bottom — the frozen part of the
 network never runs. Each trial is a nested MLflow run; the best trial becomes a self-describing
 checkpoint of the whole model.
+
+Trials are run by `work()`, which any number of processes (`finetune.workers`, `python -m
+pipeline worker` on other machines) can run against one study: it stops when the study holds
+`n_trials` complete trials, and a SIGKILLed worker's trial is failed by its stale heartbeat and
+retried with the same parameters.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import mlflow
 import optuna
 import torch
+from optuna.trial import TrialState
 from safetensors.torch import load_file, save_file
 
 from pipeline import features, paths, study, tracking
-from pipeline.atomic import atomic_path, write_json
+from pipeline.atomic import write_json
 from pipeline.backbones import build_backbone
 from pipeline.checkpoints import read_config, read_weights, save_checkpoint
 from pipeline.devices import seed_everything, select_runtime
 from pipeline.engine import Classifier, EpochResult, TopModel, train
+from pipeline.errors import PipelineError
 from pipeline.freezing import freeze_all_but_top, param_groups
 from pipeline.heads import Head
 from pipeline.params import Params
 from pipeline.progress import say
+from pipeline.trial_plots import log_study_plots
+
+TRIAL_WEIGHTS = "trial_weights.safetensors"
 
 
 class TrialRunner:
     """Holds what every trial shares: pristine blocks, the trained head, cached inputs."""
 
-    def __init__(self, params: Params, study_name: str, parent_run_id: str):
+    def __init__(self, params: Params, parent_run_id: str):
         self.params = params
         self.meta = features.read_meta()
         self.runtime = select_runtime(params.finetune.precision, training=True)
         self.backbone = build_backbone(self.meta["backbone"], self.meta["backbone_weights"])
         head_config = read_config(paths.HEAD_DIR)
-        self.head = Head(head_config["num_features"], len(head_config["classes"]),
-                         head_config["dropout"])
+        self.head = Head(head_config["num_features"], len(head_config["classes"]), head_config["dropout"])
         self.head.load_state_dict(read_weights(paths.HEAD_DIR))
-        self.trials_dir = paths.mlruns_dir() / "trials" / study_name
         self.parent_run_id = parent_run_id
 
     def model_for(self, k: int) -> TopModel:
@@ -48,27 +62,17 @@ class TrialRunner:
         top = TopModel.top_of(self.backbone, self.head, k)
         return copy.deepcopy(top).to(self.runtime.device).to(memory_format=torch.channels_last)
 
-    def weights_path(self, number: int):
-        return self.trials_dir / f"trial-{number:04d}.safetensors"
-
-    def __call__(self, trial: optuna.Trial) -> float:
-        params = self.params
-        cfg = study.suggest(trial, params)
-        seed = params.seed + trial.number
-        seed_everything(seed)
-        model = self.model_for(cfg.k)
-        freeze_all_but_top(model.blocks, cfg.k, params.finetune.bn_train)
-        groups = param_groups(model.blocks, model.head, cfg.k, cfg.head_lr, cfg.backbone_lr,
-                              cfg.layer_decay, cfg.weight_decay)
-        optimizer = torch.optim.AdamW(groups)
-
-        def set_train_mode() -> None:
-            model.head.train()
-            freeze_all_but_top(model.blocks, cfg.k, params.finetune.bn_train)
-
-        child = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True)
+    def run_trial(self, trial: optuna.Trial) -> float:
+        """Train one trial inside its own MLflow child run; raises TrialPruned when pruned."""
+        cfg = study.suggest(trial, self.params)
+        child = mlflow.start_run(
+            run_name=f"trial-{trial.number}", parent_run_id=self.parent_run_id, nested=True,
+            tags={"stage": "finetune-trial", "optuna_study": trial.study.study_name,
+                  "optuna_trial": str(trial.number), **tracking.process_tags()},
+        )
+        trial.set_user_attr("mlflow_run_id", child.info.run_id)
         try:
-            best = self._train_logged(trial, cfg, model, optimizer, set_train_mode, seed, child)
+            value = self._train(trial, cfg)
         except optuna.TrialPruned:
             mlflow.set_tag("optuna_state", "PRUNED")
             mlflow.end_run("KILLED")
@@ -80,16 +84,24 @@ class TrialRunner:
             mlflow.set_tags({"optuna_state": "FAIL", "error": repr(exc)[:1000]})
             mlflow.end_run("FAILED")
             raise
+        mlflow.set_tag("optuna_state", "COMPLETE")
         mlflow.end_run("FINISHED")
-        return best.val_accuracy
+        return value
 
-
-    def _train_logged(self, trial, cfg, model, optimizer, set_train_mode, seed, child):
-        params = self.params
-        mlflow.set_tags({"optuna_study": trial.study.study_name,
-                         "optuna_trial": str(trial.number), "stage": "finetune-trial"})
+    def _train(self, trial: optuna.Trial, cfg: study.TrialConfig) -> float:
+        f = self.params.finetune
+        seed = self.params.seed + trial.number
+        seed_everything(seed)
+        model = self.model_for(cfg.k)
+        freeze_all_but_top(model.blocks, cfg.k, f.bn_train)
+        groups = param_groups(model.blocks, model.head, cfg.k, cfg.head_lr, cfg.backbone_lr,
+                              cfg.layer_decay, cfg.weight_decay)
+        optimizer = torch.optim.AdamW(groups)
         tracking.log_params({**vars(cfg), "trial_number": trial.number})
-        trial.set_user_attr("mlflow_run_id", child.info.run_id)
+
+        def set_train_mode() -> None:
+            model.head.train()
+            freeze_all_but_top(model.blocks, cfg.k, f.bn_train)
 
         def on_epoch(result: EpochResult) -> bool:
             tracking.log_curve([result])
@@ -101,47 +113,116 @@ class TrialRunner:
 
         best_state, history = train(
             model, optimizer, features.source("train", cfg.k), features.source("val", cfg.k),
-            epochs=params.finetune.epochs, batch_size=params.finetune.batch_size,
-            runtime=self.runtime, seed=seed, label_smoothing=params.finetune.label_smoothing,
-            set_train_mode=set_train_mode, on_epoch=on_epoch,
+            epochs=f.epochs, batch_size=f.batch_size, runtime=self.runtime, seed=seed,
+            label_smoothing=f.label_smoothing, set_train_mode=set_train_mode, on_epoch=on_epoch,
         )
         best = max(history, key=lambda r: (r.val_accuracy, -r.val_loss))
-        with atomic_path(self.weights_path(trial.number)) as tmp:
-            save_file({k: v.contiguous() for k, v in best_state.items()}, str(tmp))
-        tracking.log_metrics({"best_val_accuracy": best.val_accuracy,
-                              "best_val_loss": best.val_loss})
-        mlflow.set_tag("optuna_state", "COMPLETE")
+        # the trial's weights live with its MLflow run, so a worker on any machine can supply
+        # the best trial; logged before the trial is told COMPLETE
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / TRIAL_WEIGHTS
+            save_file({k: v.contiguous() for k, v in best_state.items()}, str(path))
+            mlflow.log_artifact(str(path))
+        tracking.log_metrics({"best_val_accuracy": best.val_accuracy, "best_val_loss": best.val_loss})
         trial.set_user_attr("best_epoch", best.epoch)
-        trial.set_user_attr("best_val_loss", best.val_loss)
-        return best
+        return best.val_accuracy
 
 
-def run_study(params: Params, runner: TrialRunner, name: str) -> optuna.Study:
-    storage = study.make_storage()
-    s = optuna.create_study(
-        study_name=name, storage=storage, direction="maximize", load_if_exists=True,
-        sampler=study.make_sampler(params), pruner=study.make_pruner(params),
-    )
-    n = params.finetune.n_trials
-    complete = (optuna.trial.TrialState.COMPLETE,)
-    done = len(s.get_trials(deepcopy=False, states=complete))
-    if done < n:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        timeout = params.finetune.timeout_minutes * 60 or None
-        # pruned trials do not count towards n; the cap only stops a study that prunes forever
-        s.optimize(
-            runner, n_trials=None if timeout else 10 * n, timeout=timeout,
-            callbacks=[optuna.study.MaxTrialsCallback(n, states=complete)],
-            catch=(), gc_after_trial=True,
+def open_study(params: Params, name: str) -> optuna.Study:
+    with tracking.store_lock():  # many workers may start on a new SQLite file at once
+        return optuna.create_study(
+            study_name=name, storage=study.make_storage(), direction="maximize", load_if_exists=True,
+            sampler=study.make_sampler(params), pruner=study.make_pruner(params),
         )
-    return s
+
+
+def count(s: optuna.Study, *states: TrialState) -> int:
+    return len(s.get_trials(deepcopy=False, states=states))
+
+
+def work(params: Params, runner: TrialRunner, s: optuna.Study) -> int:
+    """Run trials until the study holds n_trials COMPLETE ones; returns how many this ran.
+
+    Pruned and failed trials do not count. A slot is claimed by asking for a trial and then
+    checking that it is among the first n complete-or-running ones, so workers that start
+    together never overshoot n.
+    """
+    n = params.finetune.n_trials
+    deadline = time.monotonic() + params.finetune.timeout_minutes * 60 if params.finetune.timeout_minutes else None
+    ran, attempts = 0, 0
+    while True:
+        optuna.storages.fail_stale_trials(s)  # killed workers' trials: FAIL + retry, not RUNNING
+        complete = count(s, TrialState.COMPLETE)
+        if complete >= n or (deadline and time.monotonic() > deadline):
+            return ran
+        if complete + count(s, TrialState.RUNNING) >= n:
+            time.sleep(1.0)  # the last slots are in flight elsewhere; they may still fail
+            continue
+        attempts += 1
+        if attempts > 10 * n:
+            raise PipelineError(
+                f"finetune: {attempts - 1} trials started but the study still lacks {n - complete} complete "
+                "ones (all pruned or failed?) — check the trial runs in MLflow, or widen the search space"
+            )
+        trial = s.ask()
+        in_flight = sorted(t.number for t in s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                                                   TrialState.RUNNING)))
+        if trial.number not in in_flight[:n]:  # another worker took the last slot this instant
+            trial.set_user_attr("surplus", True)
+            s.tell(trial, state=TrialState.FAIL)
+            continue
+        with study.heartbeat(s, trial):
+            try:
+                value = runner.run_trial(trial)
+            except optuna.TrialPruned:
+                s.tell(trial, state=TrialState.PRUNED)
+            except (tracking.Terminated, KeyboardInterrupt):
+                s.tell(trial, state=TrialState.FAIL)
+                raise
+            except Exception:
+                s.tell(trial, state=TrialState.FAIL)
+                raise
+            else:
+                s.tell(trial, value)
+                ran += 1
+
+
+def spawn_workers(count_: int, params_path: Path, parent_run_id: str) -> list[subprocess.Popen]:
+    """Extra local worker processes on the same study, each with a share of the CPU threads."""
+    threads = max(1, (os.cpu_count() or 1) // (count_ + 1))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PIPELINE_TORCH_THREADS": str(threads)}
+    command = [sys.executable, "-m", "pipeline", "--params", str(params_path), "worker",
+               "--parent-run-id", parent_run_id]
+    return [subprocess.Popen(command, env=env) for _ in range(count_)]
+
+
+def worker_main(params: Params, parent_run_id: str | None) -> None:
+    """`python -m pipeline worker`: join the study of this project's data and params."""
+    threads = os.environ.get("PIPELINE_TORCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    name = study.study_name(params, data_hash())
+    if parent_run_id:
+        tracking.setup(params.mlflow.experiment)
+        runner = TrialRunner(params, parent_run_id)
+        ran = work(params, runner, open_study(params, name))
+    else:  # a worker on another machine: its own parent run holds its trials
+        with tracking.stage_run("finetune-worker", params.mlflow.experiment, {},
+                                tags={"optuna_study": name}) as mlrun:
+            runner = TrialRunner(params, mlrun.info.run_id)
+            ran = work(params, runner, open_study(params, name))
+    say(f"worker: ran {ran} trial(s) of study {name}")
 
 
 def assemble_best(runner: TrialRunner, best: optuna.trial.FrozenTrial) -> Classifier:
     """The full model: pretrained backbone with the best trial's top k blocks and head."""
     k = best.params["k"]
     top = runner.model_for(k).cpu()
-    top.load_state_dict(load_file(str(runner.weights_path(best.number))))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=best.user_attrs["mlflow_run_id"], artifact_path=TRIAL_WEIGHTS, dst_path=tmp
+        )
+        top.load_state_dict(load_file(local))
     backbone = copy.deepcopy(runner.backbone)
     n = len(backbone.blocks)
     for j, block in enumerate(top.blocks):
@@ -149,14 +230,24 @@ def assemble_best(runner: TrialRunner, best: optuna.trial.FrozenTrial) -> Classi
     return Classifier(backbone, top.head).eval()
 
 
-def main(params: Params) -> None:
-    data_hash = json.loads(paths.CLASSES.read_text())["data_hash"]
-    name = study.study_name(params, data_hash)
+def data_hash() -> str:
+    return json.loads(paths.CLASSES.read_text())["data_hash"]
+
+
+def main(params: Params, workers: int | None = None, params_path: Path = paths.PARAMS) -> None:
+    name = study.study_name(params, data_hash())
+    workers = workers or params.finetune.workers
     logged = tracking.flatten("finetune", vars(params.finetune))
-    with tracking.stage_run("finetune", params.mlflow.experiment, logged,
-                            tags={"optuna_study": name}) as mlrun:
-        runner = TrialRunner(params, name, mlrun.info.run_id)
-        s = run_study(params, runner, name)
+    with tracking.stage_run("finetune", params.mlflow.experiment, logged, tags={"optuna_study": name}) as mlrun:
+        runner = TrialRunner(params, mlrun.info.run_id)
+        s = open_study(params, name)
+        helpers = spawn_workers(workers - 1, params_path, mlrun.info.run_id) if workers > 1 else []
+        try:
+            work(params, runner, s)
+        finally:
+            codes = [p.wait() for p in helpers]
+        if any(codes):
+            raise PipelineError(f"finetune: {sum(c != 0 for c in codes)} worker process(es) failed — see above")
         best = s.best_trial
         model = assemble_best(runner, best)
         meta = runner.meta
@@ -172,30 +263,33 @@ def main(params: Params) -> None:
             "k": best.params["k"],
             "trial": best.number,
             "study": name,
+            "trial_run_id": best.user_attrs["mlflow_run_id"],
             "hyperparameters": best.params,
         }
         save_checkpoint(paths.FINETUNED_DIR, model.state_dict(), config)
-        states = [t.state for t in s.trials]
+        trials = s.get_trials(deepcopy=False)
+        states = [t.state for t in trials]
         summary = {
             "best_val_accuracy": best.value,
             "best_k": best.params["k"],
             "best_trial": best.number,
-            "trials_complete": states.count(optuna.trial.TrialState.COMPLETE),
-            "trials_pruned": states.count(optuna.trial.TrialState.PRUNED),
-            "trials_failed": states.count(optuna.trial.TrialState.FAIL),
+            "trials_complete": states.count(TrialState.COMPLETE),
+            "trials_pruned": states.count(TrialState.PRUNED),
+            "trials_failed": states.count(TrialState.FAIL),
         }
         tracking.log_params({f"best.{k}": v for k, v in best.params.items()})
         tracking.log_metrics({"best_val_accuracy": best.value, "best_k": best.params["k"],
                               "trials_complete": summary["trials_complete"],
                               "trials_pruned": summary["trials_pruned"]})
+        mlflow.set_tag("best_trial_run_id", best.user_attrs["mlflow_run_id"])
+        log_study_plots(s)
         write_json(paths.stage_metrics("finetune"), summary)
         write_json(paths.PLOTS_DIR / "finetune_trials.json", [
-            {"trial": t.number, "state": t.state.name, "value": t.value, **t.params}
-            for t in s.trials
+            {"trial": t.number, "state": t.state.name, "value": t.value, **t.params} for t in trials
         ])
         tracking.record_run("finetune", mlrun.info.run_id)
     say(
         f"finetune: study {name}: best trial {best.number} (k={best.params['k']}) val accuracy "
-        f"{best.value:.4f}; {summary['trials_complete']} complete, "
-        f"{summary['trials_pruned']} pruned"
+        f"{best.value:.4f}; {summary['trials_complete']} complete, {summary['trials_pruned']} pruned, "
+        f"{summary['trials_failed']} failed/retried"
     )

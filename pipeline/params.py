@@ -76,12 +76,15 @@ class FinetuneParams:
     pruner_warmup_epochs: int
     timeout_minutes: float
     precision: str
+    workers: int
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int
     model_name: str
+    significance: float
+    min_gain: float
 
 
 @dataclass(frozen=True)
@@ -249,5 +252,9 @@ def _check_ranges(p: Params) -> None:
             f.timeout_minutes)
     require(f.precision in _PRECISIONS, "finetune.precision", f"must be one of {_PRECISIONS}",
             f.precision)
+    require(f.workers >= 1, "finetune.workers", "must be 1 or more", f.workers)
     v = p.evaluate
     require(v.batch_size >= 1, "evaluate.batch_size", "must be positive", v.batch_size)
+    require(0 < v.significance < 1, "evaluate.significance", "must be between 0 and 1", v.significance)
+    require(-1 <= v.min_gain <= 1, "evaluate.min_gain", "must be an accuracy difference in [-1, 1]",
+            v.min_gain)

@@ -32,6 +32,7 @@ PLOTS_DIR = Path("plots")
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
+PROMOTION_LOG = METRICS_DIR / "promotions.jsonl"  # append-only: every gate decision and its evidence
 RUNS_DIR = METRICS_DIR / "runs"  # MLflow run id per stage; kept out of outputs that are deps
 
 

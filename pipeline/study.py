@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass
 
 import optuna
@@ -42,10 +44,53 @@ def make_storage(url: str | None = None) -> optuna.storages.BaseStorage:
     return optuna.storages.RDBStorage(
         url,
         engine_kwargs=engine_kwargs,
-        heartbeat_interval=10,
-        grace_period=30,
-        heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+        heartbeat_interval=HEARTBEAT_SECONDS,
+        grace_period=STALE_AFTER_SECONDS,
+        heartbeat_stale_trial_callback=close_and_retry,
     )
+
+
+HEARTBEAT_SECONDS = 2
+STALE_AFTER_SECONDS = 8  # a trial silent this long has lost its worker (SIGKILL, crash, reboot)
+_retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+
+
+def close_and_retry(s: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A stale trial: end its MLflow run KILLED (not RUNNING forever), enqueue a retry with the
+    same parameters so no trial is lost."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id:
+        from pipeline import tracking
+
+        client = tracking.client()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "killed_reason", "worker stopped heartbeating; trial retried")
+            client.set_terminated(run_id, "KILLED")
+    _retry(s, trial)
+
+
+@contextlib.contextmanager
+def heartbeat(s: optuna.Study, trial: optuna.Trial):
+    """Record the trial's heartbeat every HEARTBEAT_SECONDS while it runs (what optimize() does
+    for itself; our ask/tell loop must do it)."""
+    storage = s._storage
+    if not hasattr(storage, "record_heartbeat") or storage.get_heartbeat_interval() is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            storage.record_heartbeat(trial._trial_id)
+            stop.wait(HEARTBEAT_SECONDS)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def study_name(params: Params, data_hash: str) -> str:

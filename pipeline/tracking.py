@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -47,18 +48,28 @@ def setup_uri() -> str:
     return uri
 
 
+def store_lock():
+    """Serialises creating the local stores: several workers starting at once on a new SQLite
+    file otherwise race on creating its tables."""
+    from filelock import FileLock
+
+    mlruns_dir().mkdir(parents=True, exist_ok=True)
+    return FileLock(str(mlruns_dir() / ".create.lock"), timeout=120)
+
+
 def setup(experiment: str) -> str:
     """Point mlflow at our store and experiment; return the experiment id. Fails fast, clearly."""
     import mlflow
 
     uri = setup_uri()
     try:
-        found = mlflow.get_experiment_by_name(experiment)
-        if found is None:
-            location = None if uri.startswith("http") else artifact_root()
-            exp_id = mlflow.create_experiment(experiment, artifact_location=location)
-        else:
-            exp_id = found.experiment_id
+        with store_lock():
+            found = mlflow.get_experiment_by_name(experiment)
+            if found is None:
+                location = None if uri.startswith("http") else artifact_root()
+                exp_id = mlflow.create_experiment(experiment, artifact_location=location)
+            else:
+                exp_id = found.experiment_id
     except Exception as exc:
         raise PipelineError(
             f"MLflow tracking store {uri} is unreachable ({type(exc).__name__}) — start the server "
@@ -78,6 +89,41 @@ def git_commit() -> str:
         return "unknown"
 
 
+def process_tags() -> dict:
+    """Who runs this run: lets a later process on this host close runs a SIGKILL left open."""
+    return {"host": socket.gethostname(), "pid": str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_dead_runs(experiment_id: str) -> int:
+    """End as KILLED the RUNNING runs whose process on this host is gone (SIGKILL, power loss).
+
+    Runs of other hosts are left alone: their trials are reaped through Optuna's heartbeat.
+    """
+    host = socket.gethostname()
+    found = client().search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.host = '{host}'",
+        max_results=1000,
+    )
+    reaped = 0
+    for run in found:
+        pid = run.data.tags.get("pid", "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            client().set_tag(run.info.run_id, "killed_reason", "process gone (reaped on restart)")
+            client().set_terminated(run.info.run_id, "KILLED")
+            reaped += 1
+    return reaped
+
+
 class Terminated(Exception):
     """Raised in the main thread on SIGTERM so runs end KILLED instead of staying RUNNING."""
 
@@ -91,11 +137,12 @@ def stage_run(stage: str, experiment: str, params: dict, tags: dict | None = Non
     """An MLflow run for one stage; ends FINISHED, FAILED (exception) or KILLED (SIGTERM/^C)."""
     import mlflow
 
-    setup(experiment)
+    experiment_id = setup(experiment)
+    reap_dead_runs(experiment_id)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     run = mlflow.start_run(run_name=stage)
     try:
-        mlflow.set_tags({"stage": stage, "git_commit": git_commit(), **(tags or {})})
+        mlflow.set_tags({"stage": stage, "git_commit": git_commit(), **process_tags(), **(tags or {})})
         log_params(params)
         yield run
     except (Terminated, KeyboardInterrupt):

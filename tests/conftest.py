@@ -21,7 +21,7 @@ TINY = {
                "image_size": 64},
     "extract": {"batch_size": 32, "views": 2, "cache_blocks": 2},
     "train_head": {"epochs": 6, "patience": 3},
-    "finetune": {"n_trials": 2, "epochs": 2, "max_unfreeze": 2, "batch_size": 16,
+    "finetune": {"n_trials": 2, "epochs": 2, "max_unfreeze": 2, "batch_size": 16, "workers": 1,
                  "pruner_warmup_epochs": 1},
     "evaluate": {"model_name": "tiny-classifier"},
 }

@@ -1,0 +1,184 @@
+"""Optuna x MLflow: kill-and-resume, parallel workers, PostgreSQL, queued DVC experiments."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from conftest import BIN, make_project, project_env, run
+
+DVC = str(BIN / "dvc")
+
+
+@pytest.fixture(scope="module")
+def trained_head(tmp_path_factory) -> Path:
+    """A project with prepare → train_head done once; tests copy it."""
+    project = make_project(tmp_path_factory.mktemp("base") / "project")
+    run([DVC, "repro", "train_head"], project)
+    return project
+
+
+def copy_project(base: Path, target: Path, finetune: dict) -> Path:
+    shutil.copytree(base, target, symlinks=True, ignore=shutil.ignore_patterns("mlruns"))
+    params = yaml.safe_load((target / "params.yaml").read_text())
+    params["finetune"].update(finetune)
+    (target / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return target
+
+
+def study_states(project: Path, storage: str | None = None) -> Counter:
+    storage = storage or f"sqlite:///{project / 'mlruns' / 'optuna.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers)), "a trial number was duplicated"
+    return Counter(t.state.name for t in trials)
+
+
+def mlflow_statuses(project: Path) -> Counter:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("transfer-pipeline")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    return Counter(r.info.status for r in runs)
+
+
+@pytest.mark.fault
+def test_sigkill_at_random_points_then_resume(trained_head, tmp_path):
+    """SIGKILL finetune 5 times at random moments; the next run ends with exactly N complete
+    trials, none RUNNING in Optuna, none RUNNING in MLflow."""
+    n = 4
+    project = copy_project(trained_head, tmp_path / "p", {"n_trials": n, "epochs": 3})
+    rng = random.Random(1234)
+    command = [sys.executable, "-m", "pipeline", "finetune"]
+    for _ in range(5):
+        process = subprocess.Popen(command, cwd=project, env=project_env(project),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(4.0, 14.0))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    run(command, project)
+    states = study_states(project)
+    assert states["COMPLETE"] == n
+    assert states["RUNNING"] == 0
+    assert mlflow_statuses(project)["RUNNING"] == 0
+
+
+@pytest.mark.fault
+def test_four_workers_start_together_on_a_new_store(trained_head, tmp_path):
+    n = 6
+    project = copy_project(trained_head, tmp_path / "p", {"n_trials": n})
+    command = [sys.executable, "-m", "pipeline", "worker"]
+    env = {**project_env(project), "OMP_NUM_THREADS": "1", "PIPELINE_TORCH_THREADS": "1"}
+    workers = [subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0, 0, 0], "\n".join(outputs)[-4000:]
+    states = study_states(project)
+    assert states["COMPLETE"] == n and states["RUNNING"] == 0
+    assert mlflow_statuses(project)["RUNNING"] == 0
+
+
+def postgres_url() -> str | None:
+    return os.environ.get("PIPELINE_TEST_POSTGRES")
+
+
+@pytest.mark.fault
+@pytest.mark.skipif(postgres_url() is None,
+                    reason="no PostgreSQL server: set PIPELINE_TEST_POSTGRES (.ci/run starts one)")
+def test_two_workers_share_a_postgres_study(trained_head, tmp_path):
+    from sqlalchemy import create_engine, text
+
+    url = postgres_url()
+    database = f"study_{os.getpid()}_{random.randrange(10**6)}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {database}"))
+    storage = url.rsplit("/", 1)[0] + f"/{database}"
+    n = 4
+    project = copy_project(trained_head, tmp_path / "p", {"n_trials": n})
+    env = {**project_env(project), "OPTUNA_STORAGE": storage, "PIPELINE_TORCH_THREADS": "1"}
+    command = [sys.executable, "-m", "pipeline", "worker"]
+    workers = [subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(outputs)[-4000:]
+    states = study_states(project, storage)
+    assert states["COMPLETE"] == n and states["RUNNING"] == 0
+
+
+@pytest.mark.slow
+def test_pruned_and_failed_trials_in_mlflow(trained_head, tmp_path, monkeypatch):
+    """A pruned trial ends KILLED with pruned_at_epoch; a failed one FAILED with the error."""
+    import mlflow
+
+    from pipeline import finetune, tracking
+    from pipeline.params import load_params
+
+    project = copy_project(trained_head, tmp_path / "p", {"n_trials": 1, "epochs": 2})
+    monkeypatch.chdir(project)
+    params = load_params(project / "params.yaml")
+    tracking.setup("transfer-pipeline")
+    with mlflow.start_run(run_name="finetune") as parent:
+        runner = finetune.TrialRunner(params, parent.info.run_id)
+        always_prune = optuna.pruners.ThresholdPruner(lower=2.0)  # accuracy < 2: always pruned
+        s = optuna.create_study(pruner=always_prune, direction="maximize")
+        with pytest.raises(optuna.TrialPruned):
+            runner.run_trial(s.ask())
+        broken = s.ask()
+        monkeypatch.setattr(finetune.features, "source", lambda *a: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            runner.run_trial(broken)
+    client = tracking.client()
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_trial = {r.data.tags["optuna_trial"]: r for r in children}
+    pruned, failed = by_trial["0"], by_trial["1"]
+    assert pruned.info.status == "KILLED" and pruned.data.tags["pruned_at_epoch"] == "1"
+    assert len(client.get_metric_history(pruned.info.run_id, "val_accuracy")) == 1
+    assert failed.info.status == "FAILED" and "ZeroDivisionError" in failed.data.tags["error"]
+
+
+@pytest.mark.slow
+def test_queued_dvc_experiments_land_in_the_project_store(trained_head, tmp_path):
+    project = copy_project(trained_head, tmp_path / "p", {})
+    run([DVC, "repro"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "baseline"], project)
+    before = sum(mlflow_statuses(project).values())
+    run([DVC, "exp", "run", "--queue", "-S", "finetune.n_trials=3"], project)
+    run([DVC, "exp", "run", "--queue", "-S", "finetune.epochs=3"], project)
+    run([DVC, "queue", "start", "-j", "2"], project)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = run([DVC, "queue", "status"], project).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    status = run([DVC, "queue", "status"], project).stdout
+    assert status.count("Success") == 2, status
+    statuses = mlflow_statuses(project)
+    evaluate_runs = _stage_runs(project, "evaluate")
+    assert sum(statuses.values()) > before and len(evaluate_runs) == 3  # baseline + 2 queued
+    assert not list((project / ".dvc" / "tmp").rglob("mlflow.db")), "a temp copy kept its own store"
+
+
+def _stage_runs(project: Path, stage: str) -> list:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("transfer-pipeline")
+    return client.search_runs([experiment.experiment_id], filter_string=f"tags.stage = '{stage}'")
