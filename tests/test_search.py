@@ -158,6 +158,7 @@ def test_queued_dvc_experiments_land_in_the_project_store(trained_head, tmp_path
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "baseline"], project)
     before = sum(mlflow_statuses(project).values())
+    assert len(_stage_runs(project, "finetune")) == 1
     run([DVC, "exp", "run", "--queue", "-S", "finetune.n_trials=3"], project)
     run([DVC, "exp", "run", "--queue", "-S", "finetune.epochs=3"], project)
     run([DVC, "queue", "start", "-j", "2"], project)
@@ -169,9 +170,10 @@ def test_queued_dvc_experiments_land_in_the_project_store(trained_head, tmp_path
         time.sleep(5)
     status = run([DVC, "queue", "status"], project).stdout
     assert status.count("Success") == 2, status
-    statuses = mlflow_statuses(project)
-    evaluate_runs = _stage_runs(project, "evaluate")
-    assert sum(statuses.values()) > before and len(evaluate_runs) == 3  # baseline + 2 queued
+    # both experiments ran finetune in their temp copies; the runs are in the project's store
+    # (evaluate may be skipped by DVC when a study's best model came out unchanged)
+    assert len(_stage_runs(project, "finetune")) == 3  # baseline + 2 queued
+    assert sum(mlflow_statuses(project).values()) > before
     assert not list((project / ".dvc" / "tmp").rglob("mlflow.db")), "a temp copy kept its own store"
 
 

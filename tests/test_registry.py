@@ -1,0 +1,207 @@
+"""The registry as the contract: servable image model, lineage, promotion gate, no pickles."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import BIN, make_project, project_env, run
+from PIL import Image
+
+from pipeline.gate import decide, mcnemar_exact_p
+
+DVC = str(BIN / "dvc")
+MODEL = "tiny-classifier"
+
+
+# --- the gate, on constructed predictions -------------------------------------------------------
+
+def correctness(n_right: int, n: int = 200, offset: int = 0) -> np.ndarray:
+    out = np.zeros(n, dtype=bool)
+    out[offset : offset + n_right] = True
+    return out
+
+
+def test_gate_promotes_a_clearly_better_challenger():
+    champion = correctness(140)  # 70%
+    challenger = correctness(170)  # 85%, right on everything the champion gets right
+    d = decide(challenger, champion, significance=0.05, min_gain=0.01)
+    assert d.promote and d.only_challenger_right == 30 and d.only_champion_right == 0
+    assert d.p_value < 1e-8 and d.n == 200
+    assert d.champion_accuracy == 0.70 and d.challenger_accuracy == 0.85
+
+
+@pytest.mark.parametrize(
+    ("challenger", "why"),
+    [
+        (correctness(140), "not significant"),  # equal
+        (correctness(142, offset=1), "not significant"),  # barely better (3 vs 1 discordant)
+        (correctness(120), "not significant"),  # worse
+    ],
+)
+def test_gate_keeps_the_champion_otherwise(challenger, why):
+    d = decide(challenger, correctness(140), significance=0.05, min_gain=0.0)
+    assert not d.promote and why in d.reason
+    tags = d.as_tags()
+    for key in ("gate.p_value", "gate.champion_accuracy", "gate.challenger_accuracy", "gate.n"):
+        assert tags[key] != ""
+
+
+def test_gate_minimum_gain_applies_even_when_significant():
+    d = decide(correctness(150), correctness(140), significance=0.05, min_gain=0.1)
+    assert d.p_value < 0.05 and not d.promote and "below the minimum" in d.reason
+
+
+def test_first_version_is_promoted_and_mcnemar_matches_the_binomial_tail():
+    assert decide(correctness(10), None, 0.05, 0.0).promote
+    assert mcnemar_exact_p(3, 1) == pytest.approx(5 / 16)
+    assert mcnemar_exact_p(0, 0) == 1.0
+
+
+# --- a real registered model -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory) -> Path:
+    project = make_project(tmp_path_factory.mktemp("registry") / "project")
+    run([DVC, "repro"], project)
+    return project
+
+
+def tracking_uri(project: Path) -> str:
+    return f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+
+
+def a_test_image(registered) -> tuple[Path, str]:
+    manifest = pd.read_csv(registered / "data/prepared/manifest.csv")
+    row = manifest[manifest.split == "test"].iloc[0]
+    return registered / "data/shapes" / row.path, row.label
+
+
+@pytest.mark.slow
+def test_predicts_the_same_from_bytes_base64_and_arrays(registered, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(registered))
+    mlflow.set_tracking_uri(tracking_uri(registered))
+    mlflow.set_registry_uri(tracking_uri(registered))
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    path, _ = a_test_image(registered)
+    png = path.read_bytes()
+    from_bytes = model.predict(pd.DataFrame({"image": [png, png]}))
+    from_b64 = model.predict(pd.DataFrame({"image": [base64.b64encode(png).decode()] * 2}))
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    from_array = model.unwrap_python_model().predict(None, np.stack([pixels, pixels]))
+    for frame in (from_b64, from_array):
+        assert list(frame.label) == list(from_bytes.label)
+        np.testing.assert_allclose(np.stack(frame.probabilities), np.stack(from_bytes.probabilities),
+                                   atol=1e-4)
+    assert model.metadata.signature is not None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_a_png(registered):
+    path, _ = a_test_image(registered)
+    port = free_port()
+    env = {**project_env(registered), "MLFLOW_TRACKING_URI": tracking_uri(registered)}
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=registered, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, "the server exited"
+                time.sleep(1)
+        body = json.dumps({"dataframe_split": {"columns": ["image"],
+                                               "data": [[base64.b64encode(path.read_bytes()).decode()]]}})
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body.encode(),
+                                         {"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    prediction = answer["predictions"][0]
+    champion_probs = prediction["probabilities"]
+    assert prediction["label"] in ("circle", "square", "triangle")
+    assert abs(sum(champion_probs) - 1) < 1e-4
+    # the tiny model is weak, so compare with what the same model says in-process
+    from pipeline.serving import ImageClassifier
+
+    local = ImageClassifier(registered / "models/finetuned").predict([path.read_bytes()])
+    assert prediction["label"] == local.label[0]
+
+
+@pytest.mark.slow
+def test_second_evaluate_registers_no_duplicate_and_lineage_prints(registered):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(registered), registry_uri=tracking_uri(registered))
+    before = client.search_model_versions(f"name = '{MODEL}'")
+    run([DVC, "repro", "-f", "evaluate", "-s"], registered)
+    after = client.search_model_versions(f"name = '{MODEL}'")
+    assert len(after) == len(before) == 1
+    log = [json.loads(line) for line in (registered / "metrics/promotions.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and log[0]["promote"] and log[0]["reason"] == "no comparable champion"
+    out = run([sys.executable, "-m", "pipeline", "lineage", "1"], registered).stdout
+    version = after[0]
+    assert version.tags["git_commit"] in out and "dvc repro" in out
+    for key in ("data_hash", "params_hash", "optuna_study", "finetune_run_id", "prepare_run_id"):
+        assert version.tags[key] and version.tags[key] != "unknown" and version.tags[key] in out
+
+
+class Exploit:
+    """Unpickling this writes a marker file: proof that a loader ran foreign code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_pickles_where_weights_belong_never_run(tmp_path):
+    from pipeline.backbones import build_backbone
+    from pipeline.checkpoints import load_classifier
+    from pipeline.errors import PipelineError
+
+    marker = tmp_path / "marker"
+    payload = pickle.dumps(Exploit(marker))
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "model.json").write_text(json.dumps({
+        "format_version": 1, "backbone": "resnet18", "backbone_weights": "none", "num_features": 512,
+        "classes": ["a", "b"], "image_size": 32, "input_config": {}, "k": 0}))
+    (checkpoint / "model.safetensors").write_bytes(payload)
+    with pytest.raises(PipelineError, match="not a safetensors"):
+        load_classifier(checkpoint)
+    evil_pt = tmp_path / "weights.pt"
+    import torch
+
+    torch.save({"weight": Exploit(marker)}, evil_pt)
+    with pytest.raises(PipelineError, match="not a tensor-only weights file"):
+        build_backbone("resnet18", str(evil_pt))
+    assert not marker.exists()
