@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
         "worker", help="join this project's finetune study and run trials (any machine sharing "
                        "OPTUNA_STORAGE and MLFLOW_TRACKING_URI)")
     worker.add_argument("--parent-run-id", default=None, help=argparse.SUPPRESS)
+    bench = commands.add_parser("bench", help="benchmark our fine-tuning path against a naive loop")
+    bench.add_argument("--k", default="0,1,2,4", help="unfrozen block counts to time (default 0,1,2,4)")
+    bench.add_argument("--epochs", type=int, default=3, help="epochs per trial (default 3)")
+    bench.add_argument("--trials", type=int, default=4, help="trials per study (default 4)")
     lineage = commands.add_parser("lineage", help="show where a registered version came from")
     lineage.add_argument("version", help="registry version number")
     lineage.add_argument("--model-name", default=None, help="registered model (default: evaluate.model_name)")
@@ -68,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.params import load_params
 
             worker_main(load_params(args.params), args.parent_run_id)
+        elif args.command == "bench":
+            from pipeline.bench import main as bench_main
+            from pipeline.params import load_params
+
+            ks = [int(k) for k in args.k.split(",")]
+            bench_main(load_params(args.params), ks, args.epochs, args.trials)
         elif args.command == "lineage":
             from pipeline.lineage import describe
             from pipeline.params import load_params

@@ -70,6 +70,10 @@ class ArraySource:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def views(self) -> int:
+        return self.array.shape[1]
+
     def batch(self, indices: np.ndarray, views: np.ndarray | None) -> torch.Tensor:
         order = np.argsort(indices)  # sorted reads are sequential on a memmap
         rows = indices[order]
@@ -112,7 +116,7 @@ def train(
     """
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     rng = np.random.default_rng(seed)
-    views = train.array.shape[1]
+    views = train.views
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
     history: list[EpochResult] = []
     best_key, best_state = None, None

@@ -56,11 +56,21 @@ class TrialRunner:
         self.head = Head(head_config["num_features"], len(head_config["classes"]), head_config["dropout"])
         self.head.load_state_dict(read_weights(paths.HEAD_DIR))
         self.parent_run_id = parent_run_id
+        # the no-cache fallback runs the frozen prefix live, at inference precision
+        self.live_runtime = select_runtime(params.extract.precision)
+        self.frozen = self.backbone.to(self.live_runtime.device).to(memory_format=torch.channels_last)
+
+    def sources(self, k: int, seed: int):
+        """(train, val) inputs for a trial unfreezing k blocks: cached activations, or live."""
+        if self.params.finetune.cache:
+            return features.source("train", k), features.source("val", k)
+        return (features.LiveSource("train", k, self.frozen, self.live_runtime, True, seed),
+                features.LiveSource("val", k, self.frozen, self.live_runtime, False, seed))
 
     def model_for(self, k: int) -> TopModel:
         """Fresh copies of the top k pretrained blocks and the trained head (LP-FT)."""
         top = TopModel.top_of(self.backbone, self.head, k)
-        return copy.deepcopy(top).to(self.runtime.device).to(memory_format=torch.channels_last)
+        return copy.deepcopy(top).cpu().to(self.runtime.device).to(memory_format=torch.channels_last)
 
     def run_trial(self, trial: optuna.Trial) -> float:
         """Train one trial inside its own MLflow child run; raises TrialPruned when pruned."""
@@ -111,8 +121,9 @@ class TrialRunner:
                 raise optuna.TrialPruned(f"pruned at epoch {result.epoch}")
             return False
 
+        train_source, val_source = self.sources(cfg.k, seed)
         best_state, history = train(
-            model, optimizer, features.source("train", cfg.k), features.source("val", cfg.k),
+            model, optimizer, train_source, val_source,
             epochs=f.epochs, batch_size=f.batch_size, runtime=self.runtime, seed=seed,
             label_smoothing=f.label_smoothing, set_train_mode=set_train_mode, on_epoch=on_epoch,
         )

@@ -77,6 +77,7 @@ class FinetuneParams:
     timeout_minutes: float
     precision: str
     workers: int
+    cache: bool
 
 
 @dataclass(frozen=True)

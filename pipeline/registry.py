@@ -25,6 +25,7 @@ def existing_version(name: str, weights_sha256: str):
     return found[0] if found else None
 
 
+@tracking.timed
 def log_and_register(name: str, checkpoint_dir: Path, example, tags: dict):
     """Log the pyfunc under the active run and register it; returns the ModelVersion."""
     from mlflow.models import infer_signature
@@ -49,6 +50,7 @@ def _example_output():
     return pd.DataFrame({"label": ["a"], "probability": [0.5], "probabilities": [[0.5, 0.5]]})
 
 
+@tracking.timed
 def champion(name: str):
     try:
         return tracking.client().get_model_version_by_alias(name, "champion")
@@ -56,6 +58,7 @@ def champion(name: str):
         return None
 
 
+@tracking.timed
 def set_alias(name: str, alias: str, version: str) -> None:
     tracking.client().set_registered_model_alias(name, alias, version)
 

@@ -110,7 +110,7 @@ def study_name(params: Params, data_hash: str) -> str:
         "recipe": {
             "epochs": f.epochs, "batch_size": f.batch_size, "label_smoothing": f.label_smoothing,
             "bn_train": f.bn_train, "pruner": f.pruner, "warmup": f.pruner_warmup_epochs,
-            "precision": f.precision,
+            "precision": f.precision, "cache": f.cache,
         },
         "train_head": asdict(params.train_head),
         "seed": params.seed,

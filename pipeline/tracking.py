@@ -19,6 +19,28 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 
+_overhead = {"seconds": 0.0}
+
+
+def timed(fn):
+    """Count the wall time of a tracking call, so each stage can report its MLflow overhead."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _overhead["seconds"] += time.perf_counter() - started
+
+    return wrapper
+
+
+def overhead_seconds() -> float:
+    return _overhead["seconds"]
+
+
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else the project's own SQLite store, as an absolute path."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -57,6 +79,7 @@ def store_lock():
     return FileLock(str(mlruns_dir() / ".create.lock"), timeout=120)
 
 
+@timed
 def setup(experiment: str) -> str:
     """Point mlflow at our store and experiment; return the experiment id. Fails fast, clearly."""
     import mlflow
@@ -104,6 +127,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@timed
 def reap_dead_runs(experiment_id: str) -> int:
     """End as KILLED the RUNNING runs whose process on this host is gone (SIGKILL, power loss).
 
@@ -140,9 +164,11 @@ def stage_run(stage: str, experiment: str, params: dict, tags: dict | None = Non
     experiment_id = setup(experiment)
     reap_dead_runs(experiment_id)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    started = time.perf_counter()
     run = mlflow.start_run(run_name=stage)
     try:
         mlflow.set_tags({"stage": stage, "git_commit": git_commit(), **process_tags(), **(tags or {})})
+        _overhead["seconds"] += time.perf_counter() - started
         log_params(params)
         yield run
     except (Terminated, KeyboardInterrupt):
@@ -152,11 +178,15 @@ def stage_run(stage: str, experiment: str, params: dict, tags: dict | None = Non
         mlflow.end_run("FAILED")
         raise
     else:
+        seconds = overhead_seconds()
+        log_metrics({"tracking_overhead_seconds": seconds})
         mlflow.end_run("FINISHED")
+        print(f"{stage}: MLflow tracking took {seconds:.2f}s of this stage", flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
+@timed
 def log_params(params: dict) -> None:
     """Log a flat dict of params in one batch (MLflow caps a batch at 100 params)."""
     import mlflow
@@ -168,6 +198,7 @@ def log_params(params: dict) -> None:
         client().log_batch(run.info.run_id, params=items[i : i + 100], synchronous=True)
 
 
+@timed
 def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str | None = None):
     import mlflow
     from mlflow.entities import Metric
@@ -179,6 +210,7 @@ def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str 
         client().log_batch(run_id, metrics=batch[i : i + 1000], synchronous=True)
 
 
+@timed
 def log_curve(history, run_id: str | None = None) -> None:
     """Per-epoch curves as steps, all in one batched call."""
     import mlflow

@@ -184,3 +184,28 @@ def _stage_runs(project: Path, stage: str) -> list:
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("transfer-pipeline")
     return client.search_runs([experiment.experiment_id], filter_string=f"tags.stage = '{stage}'")
+
+
+@pytest.mark.slow
+def test_live_fallback_feeds_the_same_inputs_and_trains(trained_head, tmp_path, monkeypatch):
+    """finetune.cache=false runs the frozen prefix live: same inputs as the cache (no
+    augmentation on val), and a study completes on it."""
+    import numpy as np
+
+    from pipeline import features
+    from pipeline.backbones import build_backbone
+    from pipeline.devices import select_runtime
+
+    project = copy_project(trained_head, tmp_path / "p", {"cache": False, "n_trials": 1, "epochs": 1})
+    monkeypatch.chdir(project)
+    meta = features.read_meta()
+    backbone = build_backbone(meta["backbone"], meta["backbone_weights"])
+    runtime = select_runtime("auto")
+    idx = np.arange(len(features.labels("val")))
+    for k in (0, 1, 2):
+        cached = features.source("val", k).batch(idx, None)
+        live = features.LiveSource("val", k, backbone, runtime, augment=False, seed=0).batch(idx, None)
+        assert live.shape == cached.shape
+        assert (live - cached).abs().max() <= 2e-2 * cached.abs().max()
+    run([sys.executable, "-m", "pipeline", "finetune"], project)
+    assert study_states(project)["COMPLETE"] == 1

@@ -1,0 +1,293 @@
+"""`python -m pipeline bench`: our fine-tuning path against the textbook loop, in one process.
+
+Naive baseline: decode the image files every epoch with torchvision transforms, run the whole
+network forward (frozen part under requires_grad=False), fp32, NCHW. Ours: decode once
+(prepare), one bf16/channels_last pass of the frozen backbone caching the activation at every
+cut point (extract), then trials that run only their unfrozen blocks on the cache.
+Same data, backbone, trial budget and seeds for both. Figures are measured here, never stored.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import psutil
+import torch
+from PIL import Image
+from torch import nn
+from torchvision import transforms
+
+from pipeline import features, paths, study
+from pipeline.backbones import build_backbone
+from pipeline.devices import seed_everything, select_runtime
+from pipeline.engine import ArraySource, Classifier, TopModel, train
+from pipeline.extract import extract_split
+from pipeline.freezing import freeze_all_but_top, param_groups
+from pipeline.heads import Head
+from pipeline.params import Params
+from pipeline.progress import say
+
+
+class PeakMemory:
+    """Peak resident memory above the starting point while the block runs (sampled)."""
+
+    def __enter__(self):
+        self.process = psutil.Process()
+        self.start = self.peak = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.05)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+class FileDataset(torch.utils.data.Dataset):
+    """The textbook input pipeline: open and decode the file every time."""
+
+    def __init__(self, files: list[Path], labels: np.ndarray, transform):
+        self.files, self.labels, self.transform = files, labels, transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        with Image.open(self.files[i]) as image:
+            return self.transform(image.convert("RGB")), int(self.labels[i])
+
+
+@dataclass
+class Setup:
+    params: Params
+    manifest: pd.DataFrame
+    classes: list[str]
+    size: int
+
+
+def naive_transforms(size: int, input_config: dict, train_mode: bool):
+    normalize = transforms.Normalize(input_config["mean"], input_config["std"])
+    if train_mode:
+        return transforms.Compose([transforms.RandomResizedCrop(size, scale=(0.55, 1.0)),
+                                   transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
+    return transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
+                               normalize])
+
+
+def split_files(setup: Setup, split: str) -> tuple[list[Path], np.ndarray]:
+    rows = setup.manifest[setup.manifest.split == split]
+    root = Path(setup.params.data.source)
+    return [root / p for p in rows.path], rows.label_index.to_numpy()
+
+
+def naive_extraction(setup: Setup, backbone) -> float:
+    files, labels = split_files(setup, "train")
+    loader = torch.utils.data.DataLoader(
+        FileDataset(files, labels, naive_transforms(setup.size, backbone.input_config, False)),
+        batch_size=setup.params.extract.batch_size)
+    started = time.perf_counter()
+    with torch.no_grad():
+        for x, _ in loader:
+            backbone(x)
+    return len(files) / (time.perf_counter() - started)
+
+
+def naive_trial(setup: Setup, backbone, head: Head, config: study.TrialConfig, epochs: int, seed: int,
+                report=None) -> float:
+    """Full forward every step; the frozen part only has requires_grad=False."""
+    seed_everything(seed)
+    f = setup.params.finetune
+    model = Classifier(copy.deepcopy(backbone), copy.deepcopy(head))
+    freeze_all_but_top(model.backbone.blocks, config.k, f.bn_train)
+    optimizer = torch.optim.AdamW(param_groups(model.backbone.blocks, model.head, config.k, config.head_lr,
+                                               config.backbone_lr, config.layer_decay, config.weight_decay))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    train_files, train_labels = split_files(setup, "train")
+    val_files, val_labels = split_files(setup, "val")
+    generator = torch.Generator().manual_seed(seed)
+    train_loader = torch.utils.data.DataLoader(
+        FileDataset(train_files, train_labels, naive_transforms(setup.size, backbone.input_config, True)),
+        batch_size=f.batch_size, shuffle=True, generator=generator)
+    val_loader = torch.utils.data.DataLoader(
+        FileDataset(val_files, val_labels, naive_transforms(setup.size, backbone.input_config, False)),
+        batch_size=f.batch_size * 2)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=f.label_smoothing)
+    best = 0.0
+    for epoch in range(1, epochs + 1):
+        model.head.train()
+        freeze_all_but_top(model.backbone.blocks, config.k, f.bn_train)
+        for x, y in train_loader:
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for x, y in val_loader:
+                correct += int((model(x).argmax(1) == y).sum())
+        accuracy = correct / len(val_files)
+        best = max(best, accuracy)
+        if report is not None:
+            report(accuracy, epoch)
+    return best
+
+
+def cached_trial(setup: Setup, backbone, head: Head, cache_dir: Path, config: study.TrialConfig, epochs: int,
+                 seed: int, report=None) -> float:
+    seed_everything(seed)
+    f = setup.params.finetune
+    runtime = select_runtime(f.precision, training=True)
+    model = copy.deepcopy(TopModel.top_of(backbone, head, config.k)).to(memory_format=torch.channels_last)
+    freeze_all_but_top(model.blocks, config.k, f.bn_train)
+    optimizer = torch.optim.AdamW(param_groups(model.blocks, model.head, config.k, config.head_lr,
+                                               config.backbone_lr, config.layer_decay, config.weight_decay))
+
+    def load(split):
+        name = f"{split}_pooled.npy" if config.k == 0 else f"{split}_cut{config.k}.npy"
+        return ArraySource(np.load(cache_dir / name, mmap_mode="r"), np.load(cache_dir / f"{split}_labels.npy"))
+
+    def on_epoch(result):
+        if report is not None:
+            report(result.val_accuracy, result.epoch)
+        return False
+
+    def set_train_mode():
+        model.head.train()
+        freeze_all_but_top(model.blocks, config.k, f.bn_train)
+
+    _, history = train(model, optimizer, load("train"), load("val"), epochs=epochs, batch_size=f.batch_size,
+                       runtime=runtime, seed=seed, label_smoothing=f.label_smoothing,
+                       set_train_mode=set_train_mode, on_epoch=on_epoch)
+    return max(r.val_accuracy for r in history)
+
+
+def our_extraction(setup: Setup, backbone, cache_dir: Path, cache_blocks: int) -> float:
+    runtime = select_runtime(setup.params.extract.precision)
+    fast = copy.deepcopy(backbone).to(memory_format=torch.channels_last)
+    images = np.load(paths.IMAGES, mmap_mode="r")
+    total = 0
+    started = time.perf_counter()
+    for i, split in enumerate(("train", "val")):
+        rows = features.rows(split)
+        views = setup.params.extract.views if split == "train" else 1
+        extract_split(fast, images, rows, views, cache_blocks, setup.params.extract.batch_size, runtime,
+                      setup.params.seed + i, cache_dir, split, _NoBar())
+        np.save(cache_dir / f"{split}_labels.npy", features.labels(split))
+        total += len(rows) * views
+    return total / (time.perf_counter() - started), runtime
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+
+def run_study(trial_fn, setup: Setup, n_trials: int) -> tuple[float, float]:
+    """A seeded study of n_trials with the configured sampler and pruner; (seconds, best value)."""
+    s = optuna.create_study(direction="maximize", sampler=study.make_sampler(setup.params),
+                            pruner=study.make_pruner(setup.params))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def objective(trial):
+        config = study.suggest(trial, setup.params)
+
+        def report(value, epoch):
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        return trial_fn(config, setup.params.seed + trial.number, report)
+
+    started = time.perf_counter()
+    s.optimize(objective, n_trials=n_trials)
+    return time.perf_counter() - started, s.best_value
+
+
+def main(params: Params, ks: list[int], epochs: int, n_trials: int) -> None:
+    import json
+
+    manifest = pd.read_csv(paths.MANIFEST)
+    classes = json.loads(paths.CLASSES.read_text())["classes"]
+    setup = Setup(params, manifest, classes, params.data.image_size)
+    backbone = build_backbone(params.backbone.name, params.backbone.weights)
+    head = Head(backbone.num_features, len(classes), 0.2)  # same initial head for both
+    cache_blocks = max(ks)
+    fixed = study.TrialConfig(k=0, head_lr=3e-3, backbone_lr=1e-3, layer_decay=0.8, weight_decay=1e-4)
+    rows: list[tuple[str, float, float, str]] = []
+    say(f"bench: {params.backbone.name} at {setup.size}px, {int((manifest.split == 'train').sum())} train / "
+        f"{int((manifest.split == 'val').sum())} val images, {epochs} epochs per trial, "
+        f"{torch.get_num_threads()} threads")
+    with tempfile.TemporaryDirectory() as tmp:
+        cache_dir = Path(tmp)
+        with PeakMemory() as naive_mem:
+            naive_rate = naive_extraction(setup, backbone)
+        with PeakMemory() as our_mem:
+            our_rate, runtime = our_extraction(setup, backbone, cache_dir, cache_blocks)
+        rows.append(("extraction, images/s", naive_rate, our_rate, "higher is better"))
+        say(f"  extraction: naive {naive_rate:.1f} img/s, ours {our_rate:.1f} img/s ({runtime.precision}, "
+            f"channels_last; {params.extract.views} views, cache of top {cache_blocks} cuts)")
+        naive_peak, our_peak = naive_mem.mib, our_mem.mib
+        for k in ks:
+            config = study.TrialConfig(**{**vars(fixed), "k": k})
+            t0 = time.perf_counter()
+            with PeakMemory() as m1:
+                naive_trial(setup, backbone, head, config, epochs, params.seed)
+            t1 = time.perf_counter()
+            with PeakMemory() as m2:
+                cached_trial(setup, backbone, head, cache_dir, config, epochs, params.seed)
+            t2 = time.perf_counter()
+            naive_peak, our_peak = max(naive_peak, m1.mib), max(our_peak, m2.mib)
+            rows.append((f"trial k={k}, seconds", t1 - t0, t2 - t1, "lower is better"))
+            say(f"  trial k={k}: naive {t1 - t0:.1f}s, ours {t2 - t1:.1f}s")
+        setup.params = dataclass_replace_finetune(params, epochs)
+        naive_time, naive_best = run_study(
+            lambda c, seed, report: naive_trial(setup, backbone, head, c, epochs, seed, report), setup, n_trials)
+        our_time, our_best = run_study(
+            lambda c, seed, report: cached_trial(setup, backbone, head, cache_dir, c, epochs, seed, report),
+            setup, n_trials)
+        rows.append((f"study of {n_trials} trials, seconds", naive_time, our_time, "lower is better"))
+        rows.append(("study best val accuracy", naive_best, our_best, "higher is better"))
+        rows.append(("peak extra memory, MiB", naive_peak, our_peak, "lower is better"))
+    say(render(rows))
+
+
+def dataclass_replace_finetune(params: Params, epochs: int) -> Params:
+    from dataclasses import replace
+
+    return replace(params, finetune=replace(params.finetune, epochs=epochs,
+                                            max_unfreeze=min(params.finetune.max_unfreeze,
+                                                             params.extract.cache_blocks)))
+
+
+def render(rows) -> str:
+    lines = ["| measure | naive | ours | ours vs naive |", "|---|---:|---:|---:|"]
+    for name, naive, ours, direction in rows:
+        if "accuracy" in name:
+            ratio = f"{ours - naive:+.3f}"
+        elif direction == "higher is better":
+            ratio = f"{ours / naive:.1f}x faster" if naive else "n/a"
+        else:
+            ratio = f"{naive / ours:.1f}x {'faster' if 'seconds' in name else 'less'}" if ours else "n/a"
+        fmt = "{:.3f}" if "accuracy" in name else "{:.1f}"
+        lines.append(f"| {name} | {fmt.format(naive)} | {fmt.format(ours)} | {ratio} |")
+    return "\n".join(lines)
