@@ -91,6 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except PermissionError as exc:
+        print(f"error: cannot write or read {exc.filename} ({exc.strerror}) — fix the permissions of "
+              "that path or run from a writable checkout", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"error: {exc.filename} not found — run the stages before this one (`dvc repro`)",
+              file=sys.stderr)
+        return 2
+    except OSError as exc:  # read-only disk, a file where a folder must go, disk full
+        print(f"error: cannot write {exc.filename or 'an output'} ({exc.strerror or exc}) — make that path "
+              "writable, or free space", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

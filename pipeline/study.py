@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import threading
+import warnings
 from dataclasses import asdict, dataclass
 
 import optuna
@@ -52,7 +53,9 @@ def make_storage(url: str | None = None) -> optuna.storages.BaseStorage:
 
 HEARTBEAT_SECONDS = 2
 STALE_AFTER_SECONDS = 8  # a trial silent this long has lost its worker (SIGKILL, crash, reboot)
-_retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+with warnings.catch_warnings():  # "experimental" since Optuna 2.8; the documented way to retry
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    _retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
 
 
 def close_and_retry(s: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

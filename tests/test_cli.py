@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -20,3 +21,25 @@ def test_bad_params_give_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "surprise" in lines[0]
+
+
+def test_unwritable_output_is_one_line(tmp_path):
+    """A file where the output folder must go (the same for root, unlike chmod)."""
+    import shutil
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "data").write_text("not a folder")
+    result = subprocess.run([sys.executable, "-m", "pipeline", "shapes"], capture_output=True,
+                            text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "data" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_inputs_name_the_file(tmp_path):
+    import shutil
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    result = subprocess.run([sys.executable, "-m", "pipeline", "train_head"], capture_output=True,
+                            text=True, cwd=tmp_path, env={**os.environ, "PIPELINE_HOME": str(tmp_path)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "data/features/meta.json" in result.stderr
