@@ -49,7 +49,8 @@ def champion_correctness(name: str, classes: list[str], pixels, labels, batch_si
     current = registry.champion(name)
     if current is None:
         return None, None
-    champion_model = ImageClassifier(registry.download_checkpoint(current))
+    with tempfile.TemporaryDirectory() as tmp:
+        champion_model = ImageClassifier(registry.download_checkpoint(current, Path(tmp)))
     if champion_model.classes != classes:
         return current, None  # another label set: no paired comparison is possible
     predicted, _ = score(champion_model, pixels, labels, batch_size)
@@ -132,8 +133,9 @@ def register(params, name, ft_config, pixels, labels, ft_pred, weights_sha, test
     current, champion_correct = champion_correctness(
         name, ft_config["classes"], pixels, labels, params.evaluate.batch_size
     )
+    why_no_champion = "first version" if current is None else f"champion v{current.version} has other classes"
     decision = gate.decide(ft_pred == labels, champion_correct, params.evaluate.significance,
-                           params.evaluate.min_gain)
+                           params.evaluate.min_gain, without_champion=why_no_champion)
     with tempfile.TemporaryDirectory() as tmp:
         example_png = Path(tmp) / "input_example.png"
         example_png.write_bytes(to_png_bytes(pixels[0]))

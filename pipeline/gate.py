@@ -40,15 +40,17 @@ def decide(
     champion_correct: np.ndarray | None,
     significance: float,
     min_gain: float,
+    without_champion: str = "no comparable champion",
 ) -> Decision:
     """challenger_correct / champion_correct: per-image booleans on the same test images.
 
-    champion_correct None means there is no comparable champion: the challenger is promoted.
+    champion_correct None means there is no comparable champion (`without_champion` says why):
+    the challenger is promoted.
     """
     challenger = np.asarray(challenger_correct, dtype=bool)
     accuracy = float(challenger.mean()) if len(challenger) else 0.0
     if champion_correct is None:
-        return Decision(True, "no comparable champion", len(challenger), accuracy, None, 0, 0, None,
+        return Decision(True, without_champion, len(challenger), accuracy, None, 0, 0, None,
                         significance, min_gain)
     champion = np.asarray(champion_correct, dtype=bool)
     if champion.shape != challenger.shape:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -63,9 +62,8 @@ def set_alias(name: str, alias: str, version: str) -> None:
     tracking.client().set_registered_model_alias(name, alias, version)
 
 
-def download_checkpoint(version) -> Path:
+def download_checkpoint(version, target: Path) -> Path:
     """The checkpoint folder inside a registered version's artifacts (weights + JSON only)."""
-    target = Path(tempfile.mkdtemp(prefix="champion-"))
     local = mlflow.artifacts.download_artifacts(
         artifact_uri=f"models:/{version.name}/{version.version}", dst_path=str(target)
     )

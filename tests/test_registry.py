@@ -165,7 +165,7 @@ def test_second_evaluate_registers_no_duplicate_and_lineage_prints(registered):
     after = client.search_model_versions(f"name = '{MODEL}'")
     assert len(after) == len(before) == 1
     log = [json.loads(line) for line in (registered / "metrics/promotions.jsonl").read_text().splitlines()]
-    assert len(log) == 1 and log[0]["promote"] and log[0]["reason"] == "no comparable champion"
+    assert len(log) == 1 and log[0]["promote"] and log[0]["reason"] == "first version"
     out = run([sys.executable, "-m", "pipeline", "lineage", "1"], registered).stdout
     version = after[0]
     assert version.tags["git_commit"] in out and "dvc repro" in out
