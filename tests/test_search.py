@@ -209,3 +209,36 @@ def test_live_fallback_feeds_the_same_inputs_and_trains(trained_head, tmp_path, 
         assert (live - cached).abs().max() <= 2e-2 * cached.abs().max()
     run([sys.executable, "-m", "pipeline", "finetune"], project)
     assert study_states(project)["COMPLETE"] == 1
+
+
+@pytest.mark.fault
+def test_sigterm_ends_runs_killed_not_running(trained_head, tmp_path):
+    """SIGTERM (what CI runners and `kill` send) mid-study: the stage run and the trial's run end
+    KILLED, the Optuna trial FAIL; nothing is left RUNNING."""
+    project = copy_project(trained_head, tmp_path / "p", {"n_trials": 50, "epochs": 3})
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "finetune"], cwd=project,
+                               env=project_env(project), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not _trial_running(project):
+        time.sleep(0.5)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) != 0
+    statuses = mlflow_statuses(project)
+    assert statuses["RUNNING"] == 0 and statuses["KILLED"] >= 1, statuses
+    states = study_states(project)
+    assert states["RUNNING"] == 0 and states["COMPLETE"] < 50
+
+
+def _trial_running(project: Path) -> bool:
+    import sqlite3
+
+    db = project / "mlruns" / "optuna.db"
+    if not db.exists():
+        return False
+    try:
+        with sqlite3.connect(db, timeout=1) as connection:
+            return bool(connection.execute("select count(*) from trials where state = 'RUNNING'").fetchone()[0])
+    except sqlite3.Error:
+        return False
