@@ -107,7 +107,6 @@ def train(
     label_smoothing: float = 0.0,
     set_train_mode: Callable[[], None] | None = None,
     on_epoch: Callable[[EpochResult], bool] | None = None,
-    scheduler_per_epoch: bool = True,
 ) -> tuple[dict, list[EpochResult]]:
     """Train, validate each epoch, keep the best-by-val-accuracy (then val-loss) weights.
 
@@ -139,8 +138,7 @@ def train(
             optimizer.step()
             total += loss.item() * len(idx)
             seen += len(idx)
-        if scheduler_per_epoch:
-            scheduler.step()
+        scheduler.step()
         logits = predict_logits(model, val, batch_size * 2, runtime)
         val_loss = nn.functional.cross_entropy(logits, val.labels).item()
         val_acc = (logits.argmax(1) == val.labels).float().mean().item()

@@ -198,13 +198,13 @@ def work(params: Params, runner: TrialRunner, s: optuna.Study) -> int:
                 ran += 1
 
 
-def spawn_workers(count_: int, params_path: Path, parent_run_id: str) -> list[subprocess.Popen]:
+def spawn_workers(extra: int, params_path: Path, parent_run_id: str) -> list[subprocess.Popen]:
     """Extra local worker processes on the same study, each with a share of the CPU threads."""
-    threads = max(1, (os.cpu_count() or 1) // (count_ + 1))
+    threads = max(1, (os.cpu_count() or 1) // (extra + 1))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PIPELINE_TORCH_THREADS": str(threads)}
     command = [sys.executable, "-m", "pipeline", "--params", str(params_path), "worker",
                "--parent-run-id", parent_run_id]
-    return [subprocess.Popen(command, env=env) for _ in range(count_)]
+    return [subprocess.Popen(command, env=env) for _ in range(extra)]
 
 
 def worker_main(params: Params, parent_run_id: str | None) -> None:
