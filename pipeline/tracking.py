@@ -172,10 +172,10 @@ def stage_run(stage: str, experiment: str, params: dict, tags: dict | None = Non
         log_params(params)
         yield run
     except (Terminated, KeyboardInterrupt):
-        mlflow.end_run("KILLED")
+        _end_all_runs("KILLED", experiment_id)
         raise
     except BaseException:
-        mlflow.end_run("FAILED")
+        _end_all_runs("FAILED", experiment_id)
         raise
     else:
         seconds = overhead_seconds()
@@ -184,6 +184,19 @@ def stage_run(stage: str, experiment: str, params: dict, tags: dict | None = Non
         print(f"{stage}: MLflow tracking took {seconds:.2f}s of this stage", flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _end_all_runs(status: str, experiment_id: str) -> None:
+    """End the stage run and any nested run still open above it (a signal can land between a
+    trial's start_run and its own handler), so none of this process's runs is left RUNNING."""
+    import mlflow
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this short
+    while mlflow.active_run() is not None:
+        mlflow.end_run(status)
+    mine = f"attributes.status = 'RUNNING' and tags.host = '{socket.gethostname()}' and tags.pid = '{os.getpid()}'"
+    for run in client().search_runs([experiment_id], filter_string=mine, max_results=1000):
+        client().set_terminated(run.info.run_id, status)
 
 
 @timed
