@@ -65,11 +65,8 @@ def load_classifier(directory: Path) -> tuple[Classifier, dict]:
     state = read_weights(directory)
     head = Head(config["num_features"], len(config["classes"]), config.get("dropout", 0.0))
     if config.get("head_only"):
-        backbone = build_backbone(config["backbone"], config["backbone_weights"])
         head.load_state_dict(state)
-    else:
-        backbone = build_backbone(config["backbone"], "none")
-        model = Classifier(backbone, head)
-        model.load_state_dict(state)
-        return model.eval(), config
-    return Classifier(backbone, head).eval(), config
+        return Classifier(build_backbone(config["backbone"], config["backbone_weights"]), head).eval(), config
+    model = Classifier(build_backbone(config["backbone"], "none"), head)
+    model.load_state_dict(state)
+    return model.eval(), config
