@@ -16,6 +16,7 @@ STAGES = {
     "train_head": "train the head on cached features (feature extraction)",
     "finetune": "Optuna search over unfrozen blocks and learning rates",
     "evaluate": "score on the test images, register in MLflow",
+    "report": "write reports/report.md (metrics, gate decision, figures) and log it to MLflow",
 }
 
 

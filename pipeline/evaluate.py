@@ -15,7 +15,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from pipeline import gate, paths, registry, tracking
+from pipeline import gate, holdout, paths, registry, tracking
 from pipeline.atomic import write_json, write_text
 from pipeline.metrics import classification_report
 from pipeline.params import Params, params_hash
@@ -25,36 +25,25 @@ from pipeline.serving import ImageClassifier, input_example, to_png_bytes
 STAGES_BEFORE = ("prepare", "extract", "train_head", "finetune")
 
 
-def test_split() -> tuple[pd.DataFrame, np.ndarray]:
-    manifest = pd.read_csv(paths.MANIFEST)
-    test = manifest[manifest.split == "test"].reset_index(drop=True)
-    images = np.load(paths.IMAGES, mmap_mode="r")
-    return test, np.asarray(images[test["index"].to_numpy()])
-
-
-def split_hash(test: pd.DataFrame) -> str:
-    return hashlib.sha256("\n".join(sorted(test.sha256)).encode()).hexdigest()[:16]
-
-
 def score(classifier: ImageClassifier, pixels: np.ndarray, labels: np.ndarray, batch_size: int):
     predicted = classifier.probabilities(pixels, batch_size).argmax(axis=1)
     return predicted, classification_report(labels, predicted, classifier.classes)
 
 
-def champion_correctness(name: str, classes: list[str], pixels, labels, batch_size):
+def score_champion(name: str, classes: list[str], pixels, labels, batch_size):
     """Score the current champion on *this* test split, so the comparison is paired, per image.
 
-    Returns (champion version or None, per-image correctness or None when not comparable).
+    Returns (champion version or None, its predictions or None when not comparable, its report).
     """
     current = registry.champion(name)
     if current is None:
-        return None, None
+        return None, None, None
     with tempfile.TemporaryDirectory() as tmp:
         champion_model = ImageClassifier(registry.download_checkpoint(current, Path(tmp)))
     if champion_model.classes != classes:
-        return current, None  # another label set: no paired comparison is possible
-    predicted, _ = score(champion_model, pixels, labels, batch_size)
-    return current, predicted == labels
+        return current, None, None  # another label set: no paired comparison is possible
+    predicted, report = score(champion_model, pixels, labels, batch_size)
+    return current, predicted, report
 
 
 def write_plots(test: pd.DataFrame, classes: list[str], predictions: dict) -> None:
@@ -64,7 +53,7 @@ def write_plots(test: pd.DataFrame, classes: list[str], predictions: dict) -> No
 
 
 def main(params: Params) -> None:
-    test, pixels = test_split()
+    test, pixels = holdout.load()
     labels = test.label_index.to_numpy()
     batch = params.evaluate.batch_size
     finetuned = ImageClassifier(paths.FINETUNED_DIR)
@@ -75,20 +64,18 @@ def main(params: Params) -> None:
     weights_sha = hashlib.sha256(
         (paths.FINETUNED_DIR / paths.WEIGHTS_FILE).read_bytes()
     ).hexdigest()
-    test_hash = split_hash(test)
+    test_hash = holdout.split_hash(test)
     summary = {
         "test_images": len(test),
         "finetuned": {"accuracy": ft_report["accuracy"], "macro_f1": ft_report["macro_f1"]},
         "head_only": {"accuracy": head_report["accuracy"], "macro_f1": head_report["macro_f1"]},
         "finetune_gain": ft_report["accuracy"] - head_report["accuracy"],
     }
-    write_json(paths.stage_metrics("evaluate"), summary)
     write_json(paths.METRICS_DIR / "per_class.json",
                {"finetuned": ft_report["per_class"], "head_only": head_report["per_class"]})
     write_plots(test, classes, {"finetuned": ft_pred, "head_only": head_pred})
 
     name = params.evaluate.model_name
-    ft_config = finetuned.config
     logged = tracking.flatten("evaluate", vars(params.evaluate))
     with tracking.stage_run("evaluate", params.mlflow.experiment, logged) as mlrun:
         tracking.log_metrics({
@@ -98,26 +85,63 @@ def main(params: Params) -> None:
             "finetune_gain": summary["finetune_gain"],
         })
         mlflow.log_dict({"finetuned": ft_report, "head_only": head_report}, "evaluation.json")
-        decision = register(params, name, ft_config, pixels, labels, ft_pred, weights_sha, test_hash,
-                            mlrun.info.run_id)
+        record, message = register(params, name, finetuned.config, pixels, labels, ft_pred,
+                                   weights_sha, test_hash, mlrun.info.run_id)
         tracking.record_run("evaluate", mlrun.info.run_id)
+    if record["champion_version"] is not None and record["champion_accuracy"] is not None:
+        # the champion this version was judged against, on the same test images
+        summary["champion"] = {"version": record["champion_version"],
+                               "accuracy": record["champion_accuracy"],
+                               "macro_f1": record["champion_macro_f1"]}
+    write_json(paths.stage_metrics("evaluate"), summary)
+    write_json(paths.DECISION, record)
     say(
         f"evaluate: {len(test)} test images — head-only accuracy {head_report['accuracy']:.4f} "
         f"(macro-F1 {head_report['macro_f1']:.4f}), fine-tuned accuracy "
-        f"{ft_report['accuracy']:.4f} (macro-F1 {ft_report['macro_f1']:.4f})\n{decision}"
+        f"{ft_report['accuracy']:.4f} (macro-F1 {ft_report['macro_f1']:.4f})\n{message}"
     )
 
 
 def register(params, name, ft_config, pixels, labels, ft_pred, weights_sha, test_hash, run_id):
-    """Register the fine-tuned model, then let the gate decide whether it becomes champion."""
-    existing = registry.existing_version(name, weights_sha)
-    if existing is not None:
-        return f"registry: {name} v{existing.version} already holds these weights; nothing registered"
-    accuracy = float((ft_pred == labels).mean())
-    data_hash = json.loads(paths.CLASSES.read_text())["data_hash"]
-    tags = {
+    """Register the fine-tuned model with the gate's decision, then move the aliases.
+
+    Idempotent and resumable: the decision is stored as tags of the version when it is created,
+    so a re-run (or a run after a kill between registering and aliasing) finds the version by its
+    weights and only finishes what is missing. Returns (decision record, one-line message).
+    """
+    version = registry.existing_version(name, weights_sha)
+    registered_now = version is None
+    if registered_now:
+        tags = lineage_tags(ft_config, weights_sha, test_hash, ft_pred, labels, run_id, params)
+        current, champion_pred, champion_report = score_champion(
+            name, ft_config["classes"], pixels, labels, params.evaluate.batch_size
+        )
+        why_no_champion = "first version" if current is None else f"champion v{current.version} has other classes"
+        decision = gate.decide(ft_pred == labels, None if champion_pred is None else champion_pred == labels,
+                               params.evaluate.significance, params.evaluate.min_gain,
+                               without_champion=why_no_champion)
+        tags |= decision.as_tags()
+        tags["gate.champion_version"] = current.version if current else ""
+        tags["gate.champion_macro_f1"] = str(champion_report["macro_f1"]) if champion_report else ""
+        with tempfile.TemporaryDirectory() as tmp:
+            example_png = Path(tmp) / "input_example.png"
+            example_png.write_bytes(to_png_bytes(pixels[0]))
+            version = registry.log_and_register(name, paths.FINETUNED_DIR, input_example(example_png), tags)
+        mlflow.log_dict(asdict(decision), "promotion_decision.json")
+    record = decision_record(version, test_hash)
+    finish_registration(name, version, record)
+    verdict = "champion" if record["promote"] else "challenger (champion kept)"
+    versus = f" vs champion v{record['champion_version']}" if record["champion_version"] else ""
+    if registered_now:
+        return record, f"registry: {name} v{version.version} registered as {verdict}{versus} — {record['reason']}"
+    return record, (f"registry: {name} v{version.version} already holds these weights (registered as {verdict}"
+                    f"{versus}); nothing registered")
+
+
+def lineage_tags(ft_config, weights_sha, test_hash, ft_pred, labels, run_id, params) -> dict[str, str]:
+    return {
         "git_commit": tracking.git_commit(),
-        "data_hash": data_hash,
+        "data_hash": json.loads(paths.CLASSES.read_text())["data_hash"],
         "params_hash": params_hash(params),
         "optuna_study": ft_config["study"],
         "optuna_trial": str(ft_config["trial"]),
@@ -126,36 +150,40 @@ def register(params, name, ft_config, pixels, labels, ft_pred, weights_sha, test
         "backbone": ft_config["backbone"],
         "weights_sha256": weights_sha,
         "test_split_hash": test_hash,
-        "test_accuracy": f"{accuracy:.6f}",
+        "test_accuracy": f"{float((ft_pred == labels).mean()):.6f}",
         "evaluate_run_id": run_id,
         **{f"{stage}_run_id": tracking.recorded_run(stage) or "unknown" for stage in STAGES_BEFORE},
     }
-    current, champion_correct = champion_correctness(
-        name, ft_config["classes"], pixels, labels, params.evaluate.batch_size
-    )
-    why_no_champion = "first version" if current is None else f"champion v{current.version} has other classes"
-    decision = gate.decide(ft_pred == labels, champion_correct, params.evaluate.significance,
-                           params.evaluate.min_gain, without_champion=why_no_champion)
-    with tempfile.TemporaryDirectory() as tmp:
-        example_png = Path(tmp) / "input_example.png"
-        example_png.write_bytes(to_png_bytes(pixels[0]))
-        version = registry.log_and_register(name, paths.FINETUNED_DIR, input_example(example_png), tags)
+
+
+def decision_record(version, test_hash: str) -> dict:
+    """The gate's decision as recorded on the version: the same on a first run and on any re-run."""
+    tags = version.tags
+    champion_macro_f1 = tags.get("gate.champion_macro_f1", "")
+    return {
+        "model": version.name,
+        "version": int(version.version),
+        "champion_version": int(tags["gate.champion_version"]) if tags.get("gate.champion_version") else None,
+        "champion_macro_f1": float(champion_macro_f1) if champion_macro_f1 else None,
+        "test_split_hash": tags.get("test_split_hash", test_hash),
+        **asdict(gate.Decision.from_tags(tags)),
+    }
+
+
+def finish_registration(name: str, version, record: dict) -> None:
+    """Aliases and the promotion-log line, each done once; the final tag marks the version complete."""
+    if version.tags.get("registration_complete") == "true":
+        return
     registry.set_alias(name, "challenger", version.version)
-    if decision.promote:
+    if record["promote"]:
         registry.set_alias(name, "champion", version.version)
-    client = tracking.client()
-    evidence = {**decision.as_tags(), "gate.champion_version": current.version if current else ""}
-    for key, value in evidence.items():
-        client.set_model_version_tag(name, version.version, key, value)
-    mlflow.log_dict(asdict(decision), "promotion_decision.json")
-    append_jsonl(paths.PROMOTION_LOG, {
-        "time": datetime.now(UTC).isoformat(timespec="seconds"), "model": name,
-        "version": version.version, "champion_version": current.version if current else None,
-        "test_split_hash": test_hash, **asdict(decision),
-    })
-    verdict = "champion" if decision.promote else "challenger (champion kept)"
-    versus = f" vs champion v{current.version}" if current else ""
-    return f"registry: {name} v{version.version} registered as {verdict}{versus} — {decision.reason}"
+    logged = paths.PROMOTION_LOG.exists() and any(
+        (entry.get("model"), entry.get("version")) == (name, record["version"])
+        for entry in map(json.loads, paths.PROMOTION_LOG.read_text().splitlines())
+    )
+    if not logged:
+        append_jsonl(paths.PROMOTION_LOG, {"time": datetime.now(UTC).isoformat(timespec="seconds"), **record})
+    tracking.client().set_model_version_tag(name, version.version, "registration_complete", "true")
 
 
 def append_jsonl(path: Path, record: dict) -> None:

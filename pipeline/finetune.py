@@ -162,7 +162,7 @@ def work(params: Params, runner: TrialRunner, s: optuna.Study) -> int:
     deadline = time.monotonic() + params.finetune.timeout_minutes * 60 if params.finetune.timeout_minutes else None
     ran, attempts = 0, 0
     while True:
-        optuna.storages.fail_stale_trials(s)  # killed workers' trials: FAIL + retry, not RUNNING
+        study.fail_stale_trials(s)
         complete = count(s, TrialState.COMPLETE)
         if complete >= n or (deadline and time.monotonic() > deadline):
             return ran

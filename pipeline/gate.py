@@ -4,7 +4,7 @@ minimum accuracy gain."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from math import comb
 
 import numpy as np
@@ -25,6 +25,22 @@ class Decision:
 
     def as_tags(self) -> dict[str, str]:
         return {f"gate.{k}": ("" if v is None else str(v)) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> Decision:
+        """The decision recorded on a registry version (the inverse of as_tags)."""
+        kinds = {f.name: f.type for f in fields(cls)}
+
+        def parse(name: str, text: str):
+            if text == "" and "None" in kinds[name]:
+                return None
+            if kinds[name] == "bool":
+                return text == "True"
+            if kinds[name] == "str":
+                return text
+            return int(text) if kinds[name] == "int" else float(text)
+
+        return cls(**{name: parse(name, tags[f"gate.{name}"]) for name in kinds})
 
 
 def mcnemar_exact_p(b: int, c: int) -> float:

@@ -28,10 +28,13 @@ HEAD_DIR = Path("models/head")
 FINETUNED_DIR = Path("models/finetuned")
 
 METRICS_DIR = Path("metrics")
+REPORT_DIR = Path("reports")
+REPORT = REPORT_DIR / "report.md"
 PLOTS_DIR = Path("plots")
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
+DECISION = METRICS_DIR / "decision.json"  # the gate's decision for the evaluated model, with evidence
 PROMOTION_LOG = METRICS_DIR / "promotions.jsonl"  # append-only: every gate decision and its evidence
 RUNS_DIR = METRICS_DIR / "runs"  # MLflow run id per stage; kept out of outputs that are deps
 

@@ -42,13 +42,22 @@ def make_storage(url: str | None = None) -> optuna.storages.BaseStorage:
         path = url.removeprefix("journal:")
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=HEARTBEAT_SECONDS,
-        grace_period=STALE_AFTER_SECONDS,
-        heartbeat_stale_trial_callback=close_and_retry,
-    )
+    with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9, and documented
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=STALE_AFTER_SECONDS,
+            heartbeat_stale_trial_callback=close_and_retry,
+        )
+
+
+def fail_stale_trials(s: optuna.Study) -> None:
+    """Killed workers' trials: FAIL + retry (close_and_retry), not RUNNING forever."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(s)
 
 
 HEARTBEAT_SECONDS = 2

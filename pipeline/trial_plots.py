@@ -1,20 +1,22 @@
-"""Static images of an Optuna study for the finetune MLflow run: history, importances, coordinates."""
+"""Static images of an Optuna study: history, importances, parallel coordinates.
+
+The finetune stage logs them to its MLflow run; the report stage saves them next to the report.
+"""
 
 from __future__ import annotations
 
 import warnings
 
-import mlflow
 import optuna
 from optuna.trial import TrialState
 
 
-def log_study_plots(s: optuna.Study) -> list[str]:
-    """Log what can be drawn (importances need two complete trials with varied params)."""
+def study_figures(s: optuna.Study) -> dict:
+    """{file name: matplotlib figure} of what can be drawn (importances need two complete trials
+    with varied params). The caller closes the figures."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as optuna_plots
 
     complete = s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -22,7 +24,7 @@ def log_study_plots(s: optuna.Study) -> list[str]:
     if len(complete) >= 2:
         plots["optuna_importances.png"] = optuna_plots.plot_param_importances
         plots["optuna_parallel_coordinate.png"] = optuna_plots.plot_parallel_coordinate
-    logged = []
+    figures = {}
     for name, plot in plots.items():
         try:
             with warnings.catch_warnings():
@@ -33,7 +35,16 @@ def log_study_plots(s: optuna.Study) -> list[str]:
         figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
         figure.set_size_inches(9, 5)
         figure.tight_layout()
+        figures[name] = figure
+    return figures
+
+
+def log_study_plots(s: optuna.Study) -> list[str]:
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    figures = study_figures(s)
+    for name, figure in figures.items():
         mlflow.log_figure(figure, name)
         plt.close(figure)
-        logged.append(name)
-    return logged
+    return list(figures)

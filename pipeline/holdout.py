@@ -1,0 +1,23 @@
+"""The test split as prepare wrote it: the rows of the manifest and their decoded pixels."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+
+from pipeline import paths
+
+
+def load() -> tuple[pd.DataFrame, np.ndarray]:
+    """(test rows of the manifest in file order, their (N, S, S, 3) uint8 pixels)."""
+    manifest = pd.read_csv(paths.MANIFEST)
+    test = manifest[manifest.split == "test"].reset_index(drop=True)
+    images = np.load(paths.IMAGES, mmap_mode="r")
+    return test, np.asarray(images[test["index"].to_numpy()])
+
+
+def split_hash(test: pd.DataFrame) -> str:
+    """Names the test split by its content: equal hashes mean the same test images."""
+    return hashlib.sha256("\n".join(sorted(test.sha256)).encode()).hexdigest()[:16]
