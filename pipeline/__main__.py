@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--k", default="0,1,2,4", help="unfrozen block counts to time (default 0,1,2,4)")
     bench.add_argument("--epochs", type=int, default=3, help="epochs per trial (default 3)")
     bench.add_argument("--trials", type=int, default=4, help="trials per study (default 4)")
+    retrain = commands.add_parser(
+        "retrain", help="what CI runs: dvc pull, dvc repro (register + gate + report), dvc push, summary")
+    retrain.add_argument("--remote", default=None, help="DVC remote (default: the project's default remote)")
+    retrain.add_argument("--no-pull", dest="pull", action="store_false", help="skip `dvc pull`")
+    retrain.add_argument("--no-push", dest="push", action="store_false", help="skip `dvc push`")
+    retrain.add_argument("--summary", type=Path, default=None,
+                         help="append the markdown summary here (default: $GITHUB_STEP_SUMMARY when set)")
     lineage = commands.add_parser("lineage", help="show where a registered version came from")
     lineage.add_argument("version", help="registry version number")
     lineage.add_argument("--model-name", default=None, help="registered model (default: evaluate.model_name)")
@@ -79,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
 
             ks = [int(k) for k in args.k.split(",")]
             bench_main(load_params(args.params), ks, args.epochs, args.trials)
+        elif args.command == "retrain":
+            from pipeline.retrain import main as retrain_main
+
+            retrain_main(args.remote, args.pull, args.push, args.summary)
         elif args.command == "lineage":
             from pipeline.lineage import describe
             from pipeline.params import load_params

@@ -47,9 +47,10 @@ def project_env(project: Path) -> dict:
     return env
 
 
-def run(cmd: list[str], cwd: Path, timeout: int = 600, check: bool = True):
-    result = subprocess.run(cmd, cwd=cwd, env=project_env(cwd), capture_output=True, text=True,
-                            timeout=timeout)
+def run(cmd: list[str], cwd: Path, timeout: int = 600, check: bool = True, env: dict | None = None):
+    """env: variables to set on top of project_env (e.g. a shared MLFLOW_TRACKING_URI)."""
+    result = subprocess.run(cmd, cwd=cwd, env={**project_env(cwd), **(env or {})}, capture_output=True,
+                            text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"

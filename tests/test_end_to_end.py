@@ -21,7 +21,7 @@ def ran_stages(output: str) -> set[str]:
 def test_pipeline_end_to_end(project, monkeypatch):
     first = run([DVC, "repro"], project)
     assert ran_stages(first.stdout) == {
-        "shapes", "prepare", "extract", "train_head", "finetune", "evaluate"
+        "shapes", "prepare", "extract", "train_head", "finetune", "evaluate", "report"
     }
     assert "head-only accuracy" in first.stdout and "fine-tuned accuracy" in first.stdout
 
@@ -44,8 +44,10 @@ def test_pipeline_end_to_end(project, monkeypatch):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["finetune"]["weight_decay"] = [0.00001, 0.001]
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = run([DVC, "params", "diff", "--json"], project).stdout
+    assert "finetune.weight_decay" in changed
     third = run([DVC, "repro"], project)
-    assert ran_stages(third.stdout) == {"finetune", "evaluate"}
+    assert ran_stages(third.stdout) == {"finetune", "evaluate", "report"}
 
     # MLflow: stage runs, nested trial runs with curves, and a loadable champion
     import mlflow

@@ -1,0 +1,158 @@
+"""Retrain from CI: the workflow lints, and `python -m pipeline retrain` does in a temp git repo with a
+local DVC remote what the workflow does on GitHub — pull, reproduce what changed, push, register,
+apply the gate, write the report."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import BIN, ROOT, make_project, run
+
+DVC = str(BIN / "dvc")
+WORKFLOW = ROOT / ".github" / "workflows" / "retrain.yml"
+ALL_STAGES = ["shapes", "prepare", "extract", "train_head", "finetune", "evaluate", "report"]
+
+
+def actionlint(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "actionlint"), str(path)], capture_output=True, text=True, timeout=120)
+
+
+def test_workflow_passes_actionlint(tmp_path):
+    result = actionlint(WORKFLOW)
+    assert result.returncode == 0, result.stdout + result.stderr
+    broken = tmp_path / "broken.yml"  # the linter really checks: a typo in an expression fails
+    broken.write_text(WORKFLOW.read_text().replace("github.run_id", "github.run_idd"))
+    assert actionlint(broken).returncode != 0
+
+    spec = yaml.safe_load(WORKFLOW.read_text())
+    triggers = spec[True]  # YAML 1.1 reads the key `on` as true
+    assert set(triggers["push"]["paths"]) == {"data/**.dvc", "params.yaml", "dvc.yaml", "pipeline/**"}
+    assert {"schedule", "workflow_dispatch", "repository_dispatch"} <= set(triggers)
+    assert spec["concurrency"]["group"] and spec["concurrency"]["cancel-in-progress"] is False
+    steps = spec["jobs"]["retrain"]["steps"]
+    assert any("python -m pipeline retrain" in step.get("run", "") for step in steps)
+    assert any(step.get("with", {}).get("cache") == "pip" for step in steps)
+    assert "RETRAIN_RUNNER" in spec["jobs"]["retrain"]["runs-on"]  # the GPU label switch
+    assert "secrets.MLFLOW_TRACKING_URI" in spec["jobs"]["retrain"]["env"]["MLFLOW_TRACKING_URI"]
+
+
+def add_images(images: Path, params_file: Path, seed: int, only: str | None = None, prefix: str = "") -> int:
+    """Real PNGs from the shapes generator (another seed gives other pictures)."""
+    sys.path.insert(0, str(ROOT))
+    from pipeline.params import load_params
+    from pipeline.shapes import generate
+
+    staging = images.parent / f".staging-{seed}"
+    generate(load_params(params_file).shapes, seed, staging)
+    added = 0
+    for folder in sorted(staging.iterdir()):
+        if only and folder.name != only:
+            continue
+        (images / folder.name).mkdir(parents=True, exist_ok=True)
+        for png in folder.glob("*.png"):
+            shutil.copy(png, images / folder.name / f"{prefix}{png.name}")
+            added += 1
+    shutil.rmtree(staging)
+    return added
+
+
+def retrain(project: Path, env: dict) -> list[str]:
+    out = run([sys.executable, "-m", "pipeline", "retrain", "--summary", str(project / "summary.md")],
+              project, env=env).stdout
+    line = next(line for line in out.splitlines() if line.startswith("retrain: re-ran "))
+    ran = line.removeprefix("retrain: re-ran ").split(";")[0]
+    return [] if ran == "nothing (up to date)" else ran.split(", ")
+
+
+def commit(project: Path, message: str) -> None:
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", message], project)
+
+
+def registry(env: dict):
+    from mlflow import MlflowClient
+
+    uri = env["MLFLOW_TRACKING_URI"]
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def check_report(project: Path) -> str:
+    report = (project / "reports" / "report.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert {"confusion.png", "curves.png", "optuna_history.png", "misclassified.png"} <= set(images)
+    for image in images:
+        assert (project / "reports" / image).stat().st_size > 1000, image
+    for heading in ("## Test results", "## Promotion decision", "## Per class", "## MLflow"):
+        assert heading in report
+    return report
+
+
+@pytest.mark.slow
+def test_retrain_pulls_reproduces_what_changed_pushes_and_registers(tmp_path):
+    team = tmp_path / "team"  # stands in for the team's MLflow server and study database
+    team.mkdir()
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{team / 'mlflow.db'}",
+           "OPTUNA_STORAGE": f"sqlite:///{team / 'optuna.db'}"}
+    remote = tmp_path / "dvc-remote"
+    project = make_project(tmp_path / "project", {
+        "data": {"image_size": 64, "min_images_per_class": 6, "source": "data/images"},
+    })
+    add_images(project / "data" / "images", project / "params.yaml", seed=1)
+    run([DVC, "add", "-q", "data/images"], project)
+    run([DVC, "remote", "add", "-d", "team", str(remote)], project)
+    commit(project, "data and remote")
+
+    # 1. first retrain: everything runs, v1 becomes champion, the cache goes to the remote
+    assert retrain(project, env) == ALL_STAGES
+    client = registry(env)
+    assert str(client.get_model_version_by_alias("tiny-classifier", "champion").version) == "1"
+    assert any(remote.rglob("*")), "dvc push sent nothing to the remote"
+    report = check_report(project)
+    assert "tiny-classifier v1" in report and "**promoted to champion**: first version" in report
+    summary = (project / "summary.md").read_text()
+    assert "Stages re-run: shapes, prepare" in summary and "## Promotion decision" in summary
+    assert "![" not in summary  # images live in the artifact, not the job summary
+    evaluate_run = json.loads((project / "metrics/runs/evaluate.json").read_text())["run_id"]
+    logged = {a.path for a in client.list_artifacts(evaluate_run, "report")}
+    assert "report/report.md" in logged and "report/confusion.png" in logged
+    commit(project, "retrain 1 results")
+
+    # 2. new images in one class, pushed by a user; CI retrains in a fresh clone
+    assert add_images(project / "data" / "images", project / "params.yaml", seed=2, only="circle",
+                      prefix="new_") == 24
+    run([DVC, "add", "-q", "data/images"], project)
+    run([DVC, "push", "-q"], project)
+    commit(project, "more circles")
+    ci = tmp_path / "ci-checkout"
+    run(["git", "clone", "-q", str(project), str(ci)], tmp_path)
+    assert retrain(ci, env) == ALL_STAGES[1:]  # shapes' output came from the remote
+    decision = json.loads((ci / "metrics/decision.json").read_text())
+    assert decision["version"] == 2 and decision["champion_version"] == 1
+    v2 = client.get_model_version("tiny-classifier", "2")
+    assert v2.tags["gate.promote"] in ("True", "False") and v2.tags["gate.champion_version"] == "1"
+    champion = str(client.get_model_version_by_alias("tiny-classifier", "champion").version)
+    assert champion == ("2" if decision["promote"] else "1")
+    assert "champion v1 (before this run)" in check_report(ci)
+    commit(ci, "retrain 2 results")
+
+    # DVC's own views of the change, against the previous commit
+    diff = json.loads(run([DVC, "metrics", "diff", "HEAD~2", "--json"], ci).stdout)
+    assert diff, "dvc metrics diff shows no change after retraining on new data"
+    run([DVC, "params", "diff", "HEAD~2"], ci)
+    plots = run([DVC, "plots", "show", "-o", str(tmp_path / "plots-html")], ci)
+    html = (tmp_path / "plots-html" / "index.html").read_text()
+    assert "head training curve" in html and "confusion fine-tuned" in html, plots.stdout
+    assert '"val_accuracy"' in html and '"predicted"' in html  # the data is embedded, not just titles
+
+    # 3. nothing changed: a fresh checkout pulls everything and re-runs nothing
+    again = tmp_path / "ci-checkout-2"
+    run(["git", "clone", "-q", str(ci), str(again)], tmp_path)
+    assert retrain(again, env) == []
+    assert len(client.search_model_versions("name = 'tiny-classifier'")) == 2
