@@ -68,10 +68,16 @@ def select_runtime(precision: str = "auto", training: bool = False) -> Runtime:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed every generator and ask for deterministic kernels. On CPU this makes a stage
+    bit-reproducible; on CUDA some kernels have no deterministic version (PyTorch warns, and
+    results can differ in the last bits between runs)."""
     import random
 
     import numpy as np
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at its init)
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)

@@ -72,17 +72,20 @@ class TrialRunner:
         top = TopModel.top_of(self.backbone, self.head, k)
         return copy.deepcopy(top).cpu().to(self.runtime.device).to(memory_format=torch.channels_last)
 
-    def run_trial(self, trial: optuna.Trial) -> float:
-        """Train one trial inside its own MLflow child run; raises TrialPruned when pruned."""
+    def run_trial(self, trial: optuna.Trial, slot: int) -> float:
+        """Train one trial inside its own MLflow child run; raises TrialPruned when pruned.
+
+        slot: the trial's logical number (study.logical_number), which seeds it.
+        """
         cfg = study.suggest(trial, self.params)
         child = mlflow.start_run(
             run_name=f"trial-{trial.number}", parent_run_id=self.parent_run_id, nested=True,
             tags={"stage": "finetune-trial", "optuna_study": trial.study.study_name,
-                  "optuna_trial": str(trial.number), **tracking.process_tags()},
+                  "optuna_trial": str(trial.number), "trial_slot": str(slot), **tracking.process_tags()},
         )
         trial.set_user_attr("mlflow_run_id", child.info.run_id)
         try:
-            value = self._train(trial, cfg)
+            value = self._train(trial, cfg, slot)
         except optuna.TrialPruned:
             mlflow.set_tag("optuna_state", "PRUNED")
             mlflow.end_run("KILLED")
@@ -98,9 +101,9 @@ class TrialRunner:
         mlflow.end_run("FINISHED")
         return value
 
-    def _train(self, trial: optuna.Trial, cfg: study.TrialConfig) -> float:
+    def _train(self, trial: optuna.Trial, cfg: study.TrialConfig, slot: int) -> float:
         f = self.params.finetune
-        seed = self.params.seed + trial.number
+        seed = self.params.seed + slot
         seed_everything(seed)
         model = self.model_for(cfg.k)
         freeze_all_but_top(model.blocks, cfg.k, f.bn_train)
@@ -151,9 +154,11 @@ def count(s: optuna.Study, *states: TrialState) -> int:
     return len(s.get_trials(deepcopy=False, states=states))
 
 
-def work(params: Params, runner: TrialRunner, s: optuna.Study) -> int:
+def work(params: Params, runner: TrialRunner, s: optuna.Study, worker: int = 0) -> int:
     """Run trials until the study holds n_trials COMPLETE ones; returns how many this ran.
 
+    worker: 0 for the finetune stage itself, another number for each parallel worker, so that
+    workers asking at the same moment do not draw the same parameters.
     Pruned and failed trials do not count. A slot is claimed by asking for a trial and then
     checking that it is among the first n complete-or-running ones, so workers that start
     together never overshoot n.
@@ -175,6 +180,7 @@ def work(params: Params, runner: TrialRunner, s: optuna.Study) -> int:
                 f"finetune: {attempts - 1} trials started but the study still lacks {n - complete} complete "
                 "ones (all pruned or failed?) — check the trial runs in MLflow, or widen the search space"
             )
+        s.sampler = study.make_sampler(params, study.next_slot(s), worker)
         trial = s.ask()
         in_flight = sorted(t.number for t in s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
                                                                                    TrialState.RUNNING)))
@@ -184,7 +190,7 @@ def work(params: Params, runner: TrialRunner, s: optuna.Study) -> int:
             continue
         with study.heartbeat(s, trial):
             try:
-                value = runner.run_trial(trial)
+                value = runner.run_trial(trial, study.logical_number(s, trial.number))
             except optuna.TrialPruned:
                 s.tell(trial, state=TrialState.PRUNED)
             except (tracking.Terminated, KeyboardInterrupt):
@@ -204,7 +210,7 @@ def spawn_workers(extra: int, params_path: Path, parent_run_id: str) -> list[sub
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PIPELINE_TORCH_THREADS": str(threads)}
     command = [sys.executable, "-m", "pipeline", "--params", str(params_path), "worker",
                "--parent-run-id", parent_run_id]
-    return [subprocess.Popen(command, env=env) for _ in range(extra)]
+    return [subprocess.Popen(command, env={**env, "PIPELINE_WORKER_ID": str(i)}) for i in range(1, extra + 1)]
 
 
 def worker_main(params: Params, parent_run_id: str | None) -> None:
@@ -213,15 +219,16 @@ def worker_main(params: Params, parent_run_id: str | None) -> None:
     if threads:
         torch.set_num_threads(int(threads))
     name = study.study_name(params, data_hash())
+    worker = int(os.environ.get("PIPELINE_WORKER_ID") or os.getpid())  # spawned by finetune, or by hand
     if parent_run_id:
         tracking.setup(params.mlflow.experiment)
         runner = TrialRunner(params, parent_run_id)
-        ran = work(params, runner, open_study(params, name))
+        ran = work(params, runner, open_study(params, name), worker)
     else:  # a worker on another machine: its own parent run holds its trials
         with tracking.stage_run("finetune-worker", params.mlflow.experiment, {},
                                 tags={"optuna_study": name}) as mlrun:
             runner = TrialRunner(params, mlrun.info.run_id)
-            ran = work(params, runner, open_study(params, name))
+            ran = work(params, runner, open_study(params, name), worker)
     say(f"worker: ran {ran} trial(s) of study {name}")
 
 
@@ -259,7 +266,8 @@ def main(params: Params, workers: int | None = None, params_path: Path = paths.P
             codes = [p.wait() for p in helpers]
         if any(codes):
             raise PipelineError(f"finetune: {sum(c != 0 for c in codes)} worker process(es) failed — see above")
-        best = s.best_trial
+        best = study.best_trial(s)
+        best_slot = study.logical_number(s, best.number)
         model = assemble_best(runner, best)
         meta = runner.meta
         config = {
@@ -272,35 +280,39 @@ def main(params: Params, workers: int | None = None, params_path: Path = paths.P
             "image_size": meta["image_size"],
             "input_config": meta["input_config"],
             "k": best.params["k"],
-            "trial": best.number,
+            "trial": best_slot,
             "study": name,
             "trial_run_id": best.user_attrs["mlflow_run_id"],
             "hyperparameters": best.params,
         }
         save_checkpoint(paths.FINETUNED_DIR, model.state_dict(), config)
-        trials = s.get_trials(deepcopy=False)
-        states = [t.state for t in trials]
+        # trials by slot: what an unbroken study holds. Killed attempts (FAIL, retried under a new
+        # number) are counted in MLflow and the log line, not in DVC's metrics, which must come out
+        # the same whether or not the study was interrupted.
+        finished = sorted(((study.logical_number(s, t.number), t) for t in s.get_trials(deepcopy=False)
+                           if t.state in (TrialState.COMPLETE, TrialState.PRUNED)), key=lambda pair: pair[0])
+        states = [t.state for _, t in finished]
+        failed = count(s, TrialState.FAIL)
         summary = {
             "best_val_accuracy": best.value,
             "best_k": best.params["k"],
-            "best_trial": best.number,
+            "best_trial": best_slot,
             "trials_complete": states.count(TrialState.COMPLETE),
             "trials_pruned": states.count(TrialState.PRUNED),
-            "trials_failed": states.count(TrialState.FAIL),
         }
         tracking.log_params({f"best.{k}": v for k, v in best.params.items()})
         tracking.log_metrics({"best_val_accuracy": best.value, "best_k": best.params["k"],
                               "trials_complete": summary["trials_complete"],
-                              "trials_pruned": summary["trials_pruned"]})
+                              "trials_pruned": summary["trials_pruned"], "trials_failed": failed})
         mlflow.set_tag("best_trial_run_id", best.user_attrs["mlflow_run_id"])
         log_study_plots(s)
         write_json(paths.stage_metrics("finetune"), summary)
         write_json(paths.PLOTS_DIR / "finetune_trials.json", [
-            {"trial": t.number, "state": t.state.name, "value": t.value, **t.params} for t in trials
+            {"trial": slot, "state": t.state.name, "value": t.value, **t.params} for slot, t in finished
         ])
         tracking.record_run("finetune", mlrun.info.run_id)
     say(
-        f"finetune: study {name}: best trial {best.number} (k={best.params['k']}) val accuracy "
+        f"finetune: study {name}: best trial {best_slot} (k={best.params['k']}) val accuracy "
         f"{best.value:.4f}; {summary['trials_complete']} complete, {summary['trials_pruned']} pruned, "
-        f"{summary['trials_failed']} failed/retried"
+        f"{failed} failed/retried"
     )

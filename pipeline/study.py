@@ -11,6 +11,7 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import optuna
+from optuna.trial import TrialState
 
 from pipeline import __version__
 from pipeline.params import Params
@@ -142,10 +143,38 @@ def make_pruner(params: Params) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def make_sampler(params: Params) -> optuna.samplers.BaseSampler:
-    # seeded: a sequential study reproduces the same trials; few start-up trials because a
-    # study here is small
-    return optuna.samplers.TPESampler(seed=params.seed, n_startup_trials=4, multivariate=True)
+def make_sampler(params: Params, slot: int = 0, worker: int = 0) -> optuna.samplers.BaseSampler:
+    """TPE seeded by the trial slot it will fill (see next_slot), so a study resumed after a kill
+    draws the same parameters as an unbroken one; parallel workers get distinct seeds. Few
+    start-up trials because a study here is small."""
+    seed = params.seed + slot + 100_003 * worker
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True)
+
+
+def _takes_a_slot(t: optuna.trial.FrozenTrial) -> bool:
+    # a retry refills the slot of the trial it replaces; a surplus trial never ran
+    return "failed_trial" not in t.system_attrs and not t.user_attrs.get("surplus")
+
+
+def next_slot(s: optuna.Study) -> int:
+    """The slot a new trial would fill: its number in an unbroken sequential study."""
+    return sum(_takes_a_slot(t) for t in s.get_trials(deepcopy=False))
+
+
+def logical_number(s: optuna.Study, number: int) -> int:
+    """The trial's number in an unbroken sequential study. A trial killed and retried (under a new
+    Optuna number) keeps its slot, so its seed, and everything seeded from it, stay the same."""
+    trials = s.get_trials(deepcopy=False)
+    original = next(t for t in trials if t.number == number).system_attrs.get("failed_trial", number)
+    return sum(_takes_a_slot(t) for t in trials if t.number < original)
+
+
+def best_trial(s: optuna.Study) -> optuna.trial.FrozenTrial:
+    """The best COMPLETE trial; ties go to the earlier slot, whatever numbers retries got."""
+    complete = s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise ValueError("no complete trial")
+    return max(complete, key=lambda t: (t.value, -logical_number(s, t.number)))
 
 
 def suggest(trial: optuna.Trial, params: Params) -> TrialConfig:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -80,3 +82,30 @@ def make_project(path: Path, overrides: dict | None = None) -> Path:
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "project")
+
+
+def fingerprint(project: Path) -> dict:
+    """What a rerun must reproduce exactly: every DVC metric and plot, the gate's decision, and the
+    bytes of the prepared data, the cached features and both models' weights."""
+    found = {}
+    for path in sorted((project / "metrics").glob("*.json")) + sorted((project / "plots").iterdir()):
+        found[str(path.relative_to(project))] = path.read_text()
+    binaries = [project / "data/prepared/images.npy", project / "models/head/model.safetensors",
+                project / "models/finetuned/model.safetensors", *sorted((project / "data/features").glob("*.npy"))]
+    for path in binaries:
+        found[str(path.relative_to(project))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    config = json.loads((project / "models/finetuned/model.json").read_text())
+    config.pop("trial_run_id")  # an MLflow run id: new on every run by design
+    found["models/finetuned/model.json"] = config
+    return found
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory) -> tuple[Path, str, dict]:
+    """One clean `dvc repro` of the tiny project: (project, its output, its fingerprint).
+
+    Shared: the end-to-end test goes on from it, the fault tests compare their runs with it.
+    """
+    project = make_project(tmp_path_factory.mktemp("reference") / "project")
+    result = run([str(BIN / "dvc"), "repro"], project)
+    return project, result.stdout, fingerprint(project)

@@ -18,12 +18,12 @@ def ran_stages(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
-def test_pipeline_end_to_end(project, monkeypatch):
-    first = run([DVC, "repro"], project)
-    assert ran_stages(first.stdout) == {
+def test_pipeline_end_to_end(reference_run):
+    project, first_output, _ = reference_run
+    assert ran_stages(first_output) == {
         "shapes", "prepare", "extract", "train_head", "finetune", "evaluate", "report"
     }
-    assert "head-only accuracy" in first.stdout and "fine-tuned accuracy" in first.stdout
+    assert "head-only accuracy" in first_output and "fine-tuned accuracy" in first_output
 
     evaluation = json.loads((project / "metrics/evaluate.json").read_text())
     assert 0 <= evaluation["head_only"]["accuracy"] <= 1
