@@ -182,6 +182,7 @@ def work(params: Params, runner: TrialRunner, s: optuna.Study, worker: int = 0) 
             )
         s.sampler = study.make_sampler(params, study.next_slot(s), worker)
         trial = s.ask()
+        study.claim(trial)
         in_flight = sorted(t.number for t in s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
                                                                                    TrialState.RUNNING)))
         if trial.number not in in_flight[:n]:  # another worker took the last slot this instant

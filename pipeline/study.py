@@ -55,10 +55,33 @@ def make_storage(url: str | None = None) -> optuna.storages.BaseStorage:
 
 
 def fail_stale_trials(s: optuna.Study) -> None:
-    """Killed workers' trials: FAIL + retry (close_and_retry), not RUNNING forever."""
+    """Killed workers' trials: FAIL + retry (close_and_retry), not RUNNING forever.
+
+    Trials of a dead process on this host are retried at once; others after the heartbeat's
+    grace period. Retrying before any new trial is asked keeps a sequential study in slot order.
+    """
+    from pipeline import tracking
+
+    owner = tracking.process_tags()
+    for trial in s.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker", {})
+        pid = int(worker.get("pid", 0))
+        if pid and worker.get("host") == owner["host"] and pid != os.getpid() and not tracking.pid_alive(pid):
+            try:
+                if s._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                    close_and_retry(s, trial)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # another process got there first
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(s)
+
+
+def claim(trial: optuna.Trial) -> None:
+    """Mark the trial as run by this process, so a successor on this host can tell it died."""
+    from pipeline import tracking
+
+    trial.set_user_attr("worker", tracking.process_tags())
 
 
 HEARTBEAT_SECONDS = 2

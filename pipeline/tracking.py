@@ -117,7 +117,7 @@ def process_tags() -> dict:
     return {"host": socket.gethostname(), "pid": str(os.getpid())}
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -141,7 +141,7 @@ def reap_dead_runs(experiment_id: str) -> int:
     reaped = 0
     for run in found:
         pid = run.data.tags.get("pid", "")
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             client().set_tag(run.info.run_id, "killed_reason", "process gone (reaped on restart)")
             client().set_terminated(run.info.run_id, "KILLED")
             reaped += 1

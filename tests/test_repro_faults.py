@@ -18,10 +18,12 @@ from conftest import BIN, fingerprint, make_project, project_env, run
 pytestmark = pytest.mark.fault
 
 DVC = str(BIN / "dvc")
-# (stage to interrupt, latest kill in seconds after it starts): each kill lands at a uniformly
-# random moment of that stage — imports, data loading, training, MLflow logging, registering.
-KILL_PLAN = [("prepare", 6), ("extract", 9), ("train_head", 9), ("finetune", 16), ("finetune", 16),
-             ("evaluate", 10)]
+# (where to interrupt, latest kill in seconds after it starts): each kill lands at a uniformly
+# random moment of that stage — imports, data loading, training, MLflow logging, registering —
+# or of an Optuna trial ("trial": a trial that this very run started).
+# The tiny trials last a fraction of a second, hence the short window there.
+KILL_PLAN = [("prepare", 6), ("extract", 9), ("train_head", 9), ("trial", 0.2), ("trial", 0.2),
+             ("finetune", 12), ("evaluate", 10)]
 
 
 def difference(got: dict, want: dict) -> list[str]:
@@ -34,9 +36,22 @@ def test_two_clean_runs_are_identical(reference_run, tmp_path):
     assert difference(fingerprint(project), reference_run[2]) == []
 
 
+def trial_ids(project, state: str | None = None) -> set[int]:
+    db = project / "mlruns" / "optuna.db"
+    if not db.exists():
+        return set()
+    try:
+        with sqlite3.connect(db, timeout=1) as connection:
+            rows = connection.execute("select trial_id, state from trials").fetchall()
+    except sqlite3.OperationalError:  # tables not created yet, or locked for a moment
+        return set()
+    return {trial_id for trial_id, s in rows if state is None or s == state}
+
+
 def repro_killed_during(project, stage: str, latest: float, rng: random.Random) -> tuple[bool, str]:
     """Start `dvc repro`, SIGKILL its whole process group at a random moment of `stage`.
     Returns (whether the kill landed while it ran, its output)."""
+    earlier_trials = trial_ids(project)
     process = subprocess.Popen([DVC, "repro"], cwd=project, env=project_env(project), text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     lines: queue.Queue = queue.Queue()
@@ -48,11 +63,19 @@ def repro_killed_during(project, stage: str, latest: float, rng: random.Random) 
         except queue.Empty:
             continue
         output.append(line)
+        if stage == "trial" and line.startswith("Running stage 'finetune'"):
+            while process.poll() is None and not trial_ids(project, "RUNNING") - earlier_trials:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, latest))
+            break
         if line.startswith(f"Running stage '{stage}'"):
             time.sleep(rng.uniform(0.3, latest))
             break
     landed = process.poll() is None
-    os.killpg(process.pid, signal.SIGKILL)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it had finished
+        landed = False
     process.wait()
     return landed, "".join(output)
 
@@ -85,5 +108,6 @@ def test_sigkill_at_random_points_of_dvc_repro_then_resume(reference_run, tmp_pa
         states = [row[0] for row in db.execute("select state from trials")]
     print(f"kills landed in {landed}; Optuna trial states {states}")  # shown with -s
     assert "RUNNING" not in states and states.count("COMPLETE") == 2
+    assert "FAIL" in states, "no kill landed inside a trial: the retry path went untested"
     promotions = (project / "metrics" / "promotions.jsonl").read_text().splitlines()
     assert len(promotions) == 1
