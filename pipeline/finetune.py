@@ -72,11 +72,12 @@ class TrialRunner:
         top = TopModel.top_of(self.backbone, self.head, k)
         return copy.deepcopy(top).cpu().to(self.runtime.device).to(memory_format=torch.channels_last)
 
-    def run_trial(self, trial: optuna.Trial, slot: int) -> float:
+    def run_trial(self, trial: optuna.Trial, slot: int | None = None) -> float:
         """Train one trial inside its own MLflow child run; raises TrialPruned when pruned.
 
-        slot: the trial's logical number (study.logical_number), which seeds it.
+        slot: the trial's logical number (study.logical_number), which seeds it; default its number.
         """
+        slot = trial.number if slot is None else slot
         cfg = study.suggest(trial, self.params)
         child = mlflow.start_run(
             run_name=f"trial-{trial.number}", parent_run_id=self.parent_run_id, nested=True,

@@ -109,3 +109,13 @@ def reference_run(tmp_path_factory) -> tuple[Path, str, dict]:
     project = make_project(tmp_path_factory.mktemp("reference") / "project")
     result = run([str(BIN / "dvc"), "repro"], project)
     return project, result.stdout, fingerprint(project)
+
+
+@pytest.fixture(scope="session")
+def second_clean_run(tmp_path_factory) -> tuple[Path, dict]:
+    """Another clean `dvc repro` of the same tiny project, in another folder with its own stores:
+    (project, its fingerprint). The registry tests go on from it; the determinism test compares
+    its fingerprint with reference_run's."""
+    project = make_project(tmp_path_factory.mktemp("second") / "project")
+    run([str(BIN / "dvc"), "repro"], project)
+    return project, fingerprint(project)

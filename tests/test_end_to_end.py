@@ -88,10 +88,3 @@ def test_pipeline_end_to_end(reference_run):
     with sqlite3.connect(project / "mlruns" / "optuna.db") as db:
         states = [row[0] for row in db.execute("select state from trials")]
     assert states.count("COMPLETE") >= 4
-
-    # a DVC experiment with a changed param, listed with its metrics
-    run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "baseline"], project)
-    run([DVC, "exp", "run", "-S", "finetune.n_trials=3"], project)
-    shown = run([DVC, "exp", "show", "--no-pager", "--md"], project).stdout
-    assert "finetune.n_trials" in shown and "finetuned.accuracy" in shown

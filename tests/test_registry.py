@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import BIN, make_project, project_env, run
+from conftest import BIN, project_env, run
 from PIL import Image
 
 from pipeline.gate import decide, mcnemar_exact_p
@@ -73,10 +73,8 @@ def test_first_version_is_promoted_and_mcnemar_matches_the_binomial_tail():
 # --- a real registered model -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory) -> Path:
-    project = make_project(tmp_path_factory.mktemp("registry") / "project")
-    run([DVC, "repro"], project)
-    return project
+def registered(second_clean_run) -> Path:
+    return second_clean_run[0]
 
 
 def tracking_uri(project: Path) -> str:

@@ -175,6 +175,8 @@ def test_queued_dvc_experiments_land_in_the_project_store(trained_head, tmp_path
     assert len(_stage_runs(project, "finetune")) == 3  # baseline + 2 queued
     assert sum(mlflow_statuses(project).values()) > before
     assert not list((project / ".dvc" / "tmp").rglob("mlflow.db")), "a temp copy kept its own store"
+    shown = run([DVC, "exp", "show", "--no-pager", "--md"], project).stdout
+    assert "finetune.n_trials" in shown and "finetuned.accuracy" in shown
 
 
 def _stage_runs(project: Path, stage: str) -> list:
