@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -182,7 +183,9 @@ def work(params: Params, runner: TrialRunner, s: optuna.Study, worker: int = 0) 
                 "ones (all pruned or failed?) — check the trial runs in MLflow, or widen the search space"
             )
         s.sampler = study.make_sampler(params, study.next_slot(s), worker)
-        trial = s.ask()
+        with warnings.catch_warnings():  # our loop records the heartbeats that optimize() would
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+            trial = s.ask()
         study.claim(trial)
         in_flight = sorted(t.number for t in s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
                                                                                    TrialState.RUNNING)))
