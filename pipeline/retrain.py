@@ -56,10 +56,12 @@ def remotes() -> list[str]:
     return [line.split()[0] for line in listed.stdout.splitlines() if line.strip()]
 
 
-def job_summary(ran: list[str], decision: dict | None) -> str:
+def job_summary(ran: list[str], decision: dict | None, metrics_diff: str) -> str:
     """The report for GitHub's job summary: images stay in the uploaded artifact (relative links
-    cannot render there), everything else is the report itself."""
+    cannot render there), everything else is the report itself, after DVC's metrics diff."""
     head = ["## Retrain", "", f"Stages re-run: {', '.join(ran) if ran else 'none (nothing changed)'}.", ""]
+    if metrics_diff.strip():
+        head += ["### Metrics against the last commit (`dvc metrics diff`)", "", metrics_diff.strip(), ""]
     if decision is None or not paths.REPORT.is_file():
         return "\n".join(head) + "\n"
     body = [line for line in paths.REPORT.read_text().splitlines() if not IMAGE_LINE.match(line)]
@@ -94,6 +96,7 @@ def main(remote: str | None = None, pull: bool = True, push: bool = True, summar
     say(f"retrain: re-ran {', '.join(ran) if ran else 'nothing (up to date)'}; {outcome}; report: {paths.REPORT}")
     summary = summary or (Path(os.environ["GITHUB_STEP_SUMMARY"]) if os.environ.get("GITHUB_STEP_SUMMARY") else None)
     if summary:
+        diff = dvc("metrics", "diff", "--md")
         with open(summary, "a", encoding="utf-8") as handle:
-            handle.write(job_summary(ran, decision))
+            handle.write(job_summary(ran, decision, diff.stdout if diff.returncode == 0 else ""))
     return ran

@@ -140,6 +140,7 @@ def test_retrain_pulls_reproduces_what_changed_pushes_and_registers(tmp_path):
     champion = str(client.get_model_version_by_alias("tiny-classifier", "champion").version)
     assert champion == ("2" if decision["promote"] else "1")
     assert "champion v1 (before this run)" in check_report(ci)
+    assert "`dvc metrics diff`" in (ci / "summary.md").read_text()  # old vs new, in the job summary
     commit(ci, "retrain 2 results")
 
     # DVC's own views of the change, against the previous commit
