@@ -231,7 +231,8 @@ def main(params: Params, ks: list[int], epochs: int, n_trials: int) -> None:
     setup = Setup(params, manifest, classes, params.data.image_size)
     backbone = build_backbone(params.backbone.name, params.backbone.weights)
     head = Head(backbone.num_features, len(classes), 0.2)  # same initial head for both
-    cache_blocks = max(ks)
+    # the cache must reach every k timed and every k the study may draw
+    cache_blocks = max(*ks, min(params.finetune.max_unfreeze, params.extract.cache_blocks))
     fixed = study.TrialConfig(k=0, head_lr=3e-3, backbone_lr=1e-3, layer_decay=0.8, weight_decay=1e-4)
     rows: list[tuple[str, float, float, str]] = []
     say(f"bench: {params.backbone.name} at {setup.size}px, {int((manifest.split == 'train').sum())} train / "

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+# deterministic cuBLAS; read when cuBLAS starts, so set before any CUDA work
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -78,6 +81,5 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at its init)
     torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=True)

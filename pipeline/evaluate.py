@@ -160,25 +160,40 @@ def decision_record(version, test_hash: str) -> dict:
     """The gate's decision as recorded on the version: the same on a first run and on any re-run."""
     tags = version.tags
     champion_macro_f1 = tags.get("gate.champion_macro_f1", "")
+    if "gate.promote" in tags:
+        decision = gate.Decision.from_tags(tags)
+    else:  # a version registered by an older release, before decisions were stored as tags
+        decision = gate.Decision(False, "no gate decision recorded on this version", 0,
+                                 float(tags.get("test_accuracy", "nan")), None, 0, 0, None, float("nan"),
+                                 float("nan"))
     return {
         "model": version.name,
         "version": int(version.version),
         "champion_version": int(tags["gate.champion_version"]) if tags.get("gate.champion_version") else None,
         "champion_macro_f1": float(champion_macro_f1) if champion_macro_f1 else None,
         "test_split_hash": tags.get("test_split_hash", test_hash),
-        **asdict(gate.Decision.from_tags(tags)),
+        **asdict(decision),
     }
 
 
 def finish_registration(name: str, version, record: dict) -> None:
-    """Aliases and the promotion-log line, each done once; the final tag marks the version complete."""
-    if version.tags.get("registration_complete") == "true":
+    """Aliases and the promotion-log line, each done once; the final tag marks the version complete.
+
+    Only a registration cut short is finished: the newest version without the marker. The champion
+    alias moves only if the champion it was judged against is still the champion.
+    """
+    if version.tags.get("registration_complete") == "true" or "gate.promote" not in version.tags:
+        return  # complete, or registered before decisions were stored as tags: leave it alone
+    newest = max(int(v.version) for v in tracking.client().search_model_versions(f"name = '{name}'"))
+    if int(version.version) != newest:
         return
     registry.set_alias(name, "challenger", version.version)
-    if record["promote"]:
+    current = registry.champion(name)
+    judged_against = record["champion_version"]
+    if record["promote"] and (int(current.version) if current else None) == judged_against:
         registry.set_alias(name, "champion", version.version)
     logged = paths.PROMOTION_LOG.exists() and any(
-        (entry.get("model"), entry.get("version")) == (name, record["version"])
+        (entry.get("model"), str(entry.get("version"))) == (name, str(record["version"]))
         for entry in map(json.loads, paths.PROMOTION_LOG.read_text().splitlines())
     )
     if not logged:

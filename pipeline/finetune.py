@@ -200,6 +200,8 @@ def work(params: Params, runner: TrialRunner, s: optuna.Study, worker: int = 0) 
                 s.tell(trial, state=TrialState.PRUNED)
             except (tracking.Terminated, KeyboardInterrupt):
                 s.tell(trial, state=TrialState.FAIL)
+                # retried like a killed trial: its slot is refilled, so a resumed study stays identical
+                study.close_and_retry(s, s.get_trials(deepcopy=False)[trial.number])
                 raise
             except Exception:
                 s.tell(trial, state=TrialState.FAIL)

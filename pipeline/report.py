@@ -44,28 +44,33 @@ def confusion(csv_path, classes: list[str]) -> tuple[np.ndarray, pd.DataFrame]:
 
 
 def trial_curve(run_id: str) -> list[dict]:
-    """The best trial's per-epoch curve from its MLflow run."""
+    """The best trial's per-epoch curve from its MLflow run ([] when this store lacks the run,
+    e.g. finetune's outputs were pulled from a DVC remote and its runs live elsewhere)."""
+    from mlflow.exceptions import MlflowException
+
     client = tracking.client()
     by_epoch: dict[int, dict] = {}
-    for key in CURVE_KEYS:
-        for point in client.get_metric_history(run_id, key):
-            by_epoch.setdefault(point.step, {"epoch": point.step})[key] = point.value
+    try:
+        for key in CURVE_KEYS:
+            for point in client.get_metric_history(run_id, key):
+                by_epoch.setdefault(point.step, {"epoch": point.step})[key] = point.value
+    except MlflowException:
+        return []
     return [by_epoch[e] for e in sorted(by_epoch) if "val_accuracy" in by_epoch[e]]
 
 
 def study_images(study_name: str) -> list[str]:
-    import matplotlib.pyplot as plt
     import optuna
 
     from pipeline import study
     from pipeline.trial_plots import study_figures
 
-    s = optuna.load_study(study_name=study_name, storage=study.make_storage())
+    try:
+        s = optuna.load_study(study_name=study_name, storage=study.make_storage())
+    except KeyError:  # this machine's storage lacks the study (set OPTUNA_STORAGE to the team's)
+        return []
     saved = []
-    for name, figure in study_figures(s).items():
-        if name == "optuna_parallel_coordinate.png":
-            plt.close(figure)
-            continue
+    for name, figure in study_figures(s, parallel_coordinate=False).items():
         report_figures.save(figure, paths.REPORT_DIR / name)
         saved.append(name)
     return saved
@@ -147,7 +152,9 @@ def build(params: Params) -> tuple[str, str | None]:
               f"{finetune['trials_pruned']} pruned.", ""]
     lines += table(["hyperparameter", "best value"],
                    [[k, f"{v:.4g}" if isinstance(v, float) else v] for k, v in config["hyperparameters"].items()])
-    lines += [""] + [f"![{name}]({name})" for name in study_images(config["study"])] + [""]
+    images = study_images(config["study"])
+    lines += [""] + ([f"![{name}]({name})" for name in images] if images else
+                     ["_The study is not in this machine's Optuna storage: no history or importance images._"]) + [""]
 
     wrong = np.flatnonzero(predictions.actual.to_numpy() != predictions.predicted.to_numpy())
     report_figures.save(report_figures.misclassified_grid(
@@ -178,6 +185,11 @@ def main(params: Params) -> None:
             stale.unlink()
     markdown, evaluate_run = build(params)
     write_text(paths.REPORT, markdown)
-    if evaluate_run:
-        tracking.client().log_artifacts(evaluate_run, str(paths.REPORT_DIR), "report")
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if evaluate_run:
+            tracking.client().log_artifacts(evaluate_run, str(paths.REPORT_DIR), "report")
+    except MlflowException:  # the evaluate run lives in another store (outputs pulled from a remote)
+        evaluate_run = None
     say(f"report: wrote {paths.REPORT}" + (f" and logged it to MLflow run {evaluate_run}" if evaluate_run else ""))

@@ -168,10 +168,13 @@ def make_pruner(params: Params) -> optuna.pruners.BasePruner:
 
 def make_sampler(params: Params, slot: int = 0, worker: int = 0) -> optuna.samplers.BaseSampler:
     """TPE seeded by the trial slot it will fill (see next_slot), so a study resumed after a kill
-    draws the same parameters as an unbroken one; parallel workers get distinct seeds. Few
-    start-up trials because a study here is small."""
-    seed = params.seed + slot + 100_003 * worker
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True)
+    draws the same parameters as an unbroken one; parallel workers get distinct seeds. Random
+    start-up trials: half the study, 1 to 4 (studies here are small)."""
+    seed = (params.seed + slot + 100_003 * worker) % 2**32  # NumPy seeds are 32-bit
+    startup = max(1, min(4, params.finetune.n_trials // 2))
+    with warnings.catch_warnings():  # multivariate TPE is "experimental" since Optuna 2.2
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
 
 
 def _takes_a_slot(t: optuna.trial.FrozenTrial) -> bool:

@@ -11,7 +11,7 @@ import optuna
 from optuna.trial import TrialState
 
 
-def study_figures(s: optuna.Study) -> dict:
+def study_figures(s: optuna.Study, parallel_coordinate: bool = True) -> dict:
     """{file name: matplotlib figure} of what can be drawn (importances need two complete trials
     with varied params). The caller closes the figures."""
     import matplotlib
@@ -23,7 +23,8 @@ def study_figures(s: optuna.Study) -> dict:
     plots = {"optuna_history.png": optuna_plots.plot_optimization_history}
     if len(complete) >= 2:
         plots["optuna_importances.png"] = optuna_plots.plot_param_importances
-        plots["optuna_parallel_coordinate.png"] = optuna_plots.plot_parallel_coordinate
+        if parallel_coordinate:
+            plots["optuna_parallel_coordinate.png"] = optuna_plots.plot_parallel_coordinate
     figures = {}
     for name, plot in plots.items():
         try:
