@@ -2,7 +2,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
+
+pytestmark = pytest.mark.fault  # bad input: part of the fault suite
 
 
 def test_help_lists_stages_and_commands():

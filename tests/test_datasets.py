@@ -8,6 +8,8 @@ from pipeline.datasets import check_class_sizes, scan_source, split_of, validate
 from pipeline.errors import PipelineError
 from pipeline.images import UnusableImage, content_hash, decode_image
 
+pytestmark = pytest.mark.fault  # bad input: part of the fault suite
+
 
 def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
     buffer = io.BytesIO()

@@ -7,6 +7,8 @@ from conftest import ROOT
 from pipeline.errors import PipelineError
 from pipeline.params import load_params, params_hash
 
+pytestmark = pytest.mark.fault  # bad input: part of the fault suite
+
 
 def write(tmp_path: Path, mutate) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
