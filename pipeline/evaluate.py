@@ -141,7 +141,7 @@ def register(params, name, ft_config, pixels, labels, ft_pred, weights_sha, test
 def lineage_tags(ft_config, weights_sha, test_hash, ft_pred, labels, run_id, params) -> dict[str, str]:
     return {
         "git_commit": tracking.git_commit(),
-        "data_hash": json.loads(paths.CLASSES.read_text())["data_hash"],
+        "data_hash": holdout.data_hash(),
         "params_hash": params_hash(params),
         "optuna_study": ft_config["study"],
         "optuna_trial": str(ft_config["trial"]),

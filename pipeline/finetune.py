@@ -14,7 +14,6 @@ retried with the same parameters.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import torch
 from optuna.trial import TrialState
 from safetensors.torch import load_file, save_file
 
-from pipeline import features, paths, study, tracking
+from pipeline import features, holdout, paths, study, tracking
 from pipeline.atomic import write_json
 from pipeline.backbones import build_backbone
 from pipeline.checkpoints import read_config, read_weights, save_checkpoint
@@ -225,7 +224,7 @@ def worker_main(params: Params, parent_run_id: str | None) -> None:
     threads = os.environ.get("PIPELINE_TORCH_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
-    name = study.study_name(params, data_hash())
+    name = study.study_name(params, holdout.data_hash())
     worker = int(os.environ.get("PIPELINE_WORKER_ID") or os.getpid())  # spawned by finetune, or by hand
     if parent_run_id:
         tracking.setup(params.mlflow.experiment)
@@ -255,12 +254,8 @@ def assemble_best(runner: TrialRunner, best: optuna.trial.FrozenTrial) -> Classi
     return Classifier(backbone, top.head).eval()
 
 
-def data_hash() -> str:
-    return json.loads(paths.CLASSES.read_text())["data_hash"]
-
-
 def main(params: Params, workers: int | None = None, params_path: Path = paths.PARAMS) -> None:
-    name = study.study_name(params, data_hash())
+    name = study.study_name(params, holdout.data_hash())
     workers = workers or params.finetune.workers
     logged = tracking.flatten("finetune", vars(params.finetune))
     with tracking.stage_run("finetune", params.mlflow.experiment, logged, tags={"optuna_study": name}) as mlrun:

@@ -1,8 +1,10 @@
-"""The test split as prepare wrote it: the rows of the manifest and their decoded pixels."""
+"""What later stages read of prepare's outputs: the test split (manifest rows and decoded
+pixels) and the hash that names the prepared data."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pandas as pd
@@ -21,3 +23,8 @@ def load() -> tuple[pd.DataFrame, np.ndarray]:
 def split_hash(test: pd.DataFrame) -> str:
     """Names the test split by its content: equal hashes mean the same test images."""
     return hashlib.sha256("\n".join(sorted(test.sha256)).encode()).hexdigest()[:16]
+
+
+def data_hash() -> str:
+    """The prepared data's content hash (names the Optuna study, tags the registry version)."""
+    return json.loads(paths.CLASSES.read_text())["data_hash"]

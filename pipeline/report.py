@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from pipeline import holdout, paths, report_figures, tracking
 from pipeline.atomic import write_text
@@ -46,8 +47,6 @@ def confusion(csv_path, classes: list[str]) -> tuple[np.ndarray, pd.DataFrame]:
 def trial_curve(run_id: str) -> list[dict]:
     """The best trial's per-epoch curve from its MLflow run ([] when this store lacks the run,
     e.g. finetune's outputs were pulled from a DVC remote and its runs live elsewhere)."""
-    from mlflow.exceptions import MlflowException
-
     client = tracking.client()
     by_epoch: dict[int, dict] = {}
     try:
@@ -98,7 +97,7 @@ def build(params: Params) -> tuple[str, str | None]:
     out = paths.REPORT_DIR
 
     lines = [f"# Retrain report — {model}", ""]
-    lines += [f"Commit `{tracking.git_commit()[:12]}`, data `{read_json(paths.CLASSES)['data_hash'][:16]}`, "
+    lines += [f"Commit `{tracking.git_commit()[:12]}`, data `{holdout.data_hash()[:16]}`, "
               f"test split `{decision['test_split_hash']}` ({evaluation['test_images']} images), "
               f"backbone `{config['backbone']}`.", ""]
 
@@ -133,10 +132,9 @@ def build(params: Params) -> tuple[str, str | None]:
                    [[c, ft[c]["support"], fmt(ft[c]["precision"], 3), fmt(ft[c]["recall"], 3),
                      fmt(ft[c]["f1"], 3), fmt(head[c]["f1"], 3)] for c in classes]) + [""]
 
-    matrices, predictions = {}, None
-    for name, title in (("finetuned", "fine-tuned"), ("head_only", "head-only")):
-        matrices[title], rows_of = confusion(paths.PLOTS_DIR / f"confusion_{name}.csv", classes)
-        predictions = rows_of if name == "finetuned" else predictions
+    matrices = {}
+    matrices["fine-tuned"], predictions = confusion(paths.PLOTS_DIR / "confusion_finetuned.csv", classes)
+    matrices["head-only"], _ = confusion(paths.PLOTS_DIR / "confusion_head_only.csv", classes)
     report_figures.save(report_figures.confusion_matrices(matrices, classes), out / "confusion.png")
     lines += ["## Confusion matrices", "", "![confusion matrices](confusion.png)", ""]
 
@@ -185,8 +183,6 @@ def main(params: Params) -> None:
             stale.unlink()
     markdown, evaluate_run = build(params)
     write_text(paths.REPORT, markdown)
-    from mlflow.exceptions import MlflowException
-
     try:
         if evaluate_run:
             tracking.client().log_artifacts(evaluate_run, str(paths.REPORT_DIR), "report")

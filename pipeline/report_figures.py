@@ -19,10 +19,18 @@ def _pyplot():
 
 
 def save(figure, path: Path) -> Path:
+    """A 256-colour PNG: the report is committed with every retrain, and full-colour PNGs of the
+    image grid are ~6x larger (0.9 MB vs 0.16 MB measured) for no visible difference."""
+    import io
+
+    from PIL import Image
+
     plt = _pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=90, bbox_inches="tight")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     plt.close(figure)
+    Image.open(buffer).convert("RGB").quantize(256).save(path, optimize=True)
     return path
 
 

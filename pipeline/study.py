@@ -62,11 +62,8 @@ def fail_stale_trials(s: optuna.Study) -> None:
     """
     from pipeline import tracking
 
-    owner = tracking.process_tags()
     for trial in s.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get("worker", {})
-        pid = int(worker.get("pid", 0))
-        if pid and worker.get("host") == owner["host"] and pid != os.getpid() and not tracking.pid_alive(pid):
+        if tracking.process_gone(trial.user_attrs.get("worker", {})):
             try:
                 if s._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
                     close_and_retry(s, trial)

@@ -117,6 +117,13 @@ def process_tags() -> dict:
     return {"host": socket.gethostname(), "pid": str(os.getpid())}
 
 
+def process_gone(owner: dict) -> bool:
+    """Whether the process that process_tags() named ran on this host and is gone (never this one)."""
+    pid = str(owner.get("pid", ""))
+    return (owner.get("host") == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid()
+            and not pid_alive(int(pid)))
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -140,8 +147,7 @@ def reap_dead_runs(experiment_id: str) -> int:
     )
     reaped = 0
     for run in found:
-        pid = run.data.tags.get("pid", "")
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+        if process_gone(run.data.tags):
             client().set_tag(run.info.run_id, "killed_reason", "process gone (reaped on restart)")
             client().set_terminated(run.info.run_id, "KILLED")
             reaped += 1
