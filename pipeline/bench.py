@@ -27,6 +27,7 @@ from torchvision import transforms
 
 from pipeline import features, paths, study
 from pipeline.backbones import build_backbone
+from pipeline.bn_folding import folded_copy
 from pipeline.devices import seed_everything, select_runtime
 from pipeline.engine import ArraySource, Classifier, TopModel, train
 from pipeline.extract import extract_split
@@ -183,7 +184,7 @@ def cached_trial(setup: Setup, backbone, head: Head, cache_dir: Path, config: st
 
 def our_extraction(setup: Setup, backbone, cache_dir: Path, cache_blocks: int, train_views: int) -> float:
     runtime = select_runtime(setup.params.extract.precision)
-    fast = copy.deepcopy(backbone).to(memory_format=torch.channels_last)
+    fast = folded_copy(backbone).to(memory_format=torch.channels_last)
     images = np.load(paths.IMAGES, mmap_mode="r")
     total = 0
     started = time.perf_counter()

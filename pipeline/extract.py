@@ -20,6 +20,7 @@ from pipeline import paths, tracking
 from pipeline.atomic import atomic_path, write_json
 from pipeline.augment import augment
 from pipeline.backbones import Backbone, build_backbone, normalize
+from pipeline.bn_folding import folded_copy
 from pipeline.datasets import SPLITS
 from pipeline.devices import Runtime, select_runtime
 from pipeline.errors import PipelineError
@@ -103,8 +104,8 @@ def run(params: Params) -> dict:
     classes = json.loads(paths.CLASSES.read_text())["classes"]
     e = params.extract
     runtime = select_runtime(e.precision)
-    backbone = build_backbone(params.backbone.name, params.backbone.weights).to(runtime.device)
-    backbone = backbone.to(memory_format=torch.channels_last)
+    backbone = folded_copy(build_backbone(params.backbone.name, params.backbone.weights))
+    backbone = backbone.to(runtime.device).to(memory_format=torch.channels_last)
     check_cache_blocks(backbone, e.cache_blocks)
     counts = {s: int((manifest.split == s).sum()) for s in SPLITS}
     total = sum(counts[s] * (e.views if s == "train" else 1) for s in SPLITS)

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from pipeline import features, holdout, paths, study, tracking
 from pipeline.atomic import write_json
 from pipeline.backbones import build_backbone
+from pipeline.bn_folding import folded_copy
 from pipeline.checkpoints import read_config, read_weights, save_checkpoint
 from pipeline.devices import seed_everything, select_runtime
 from pipeline.engine import Classifier, EpochResult, TopModel, train
@@ -56,9 +57,11 @@ class TrialRunner:
         self.head = Head(head_config["num_features"], len(head_config["classes"]), head_config["dropout"])
         self.head.load_state_dict(read_weights(paths.HEAD_DIR))
         self.parent_run_id = parent_run_id
-        # the no-cache fallback runs the frozen prefix live, at inference precision
+        # the no-cache fallback runs the frozen prefix live, as extract does: inference
+        # precision, BatchNorm folded (a copy: trials train the unfolded top blocks)
         self.live_runtime = select_runtime(params.extract.precision)
-        self.frozen = self.backbone.to(self.live_runtime.device).to(memory_format=torch.channels_last)
+        frozen = folded_copy(self.backbone).to(self.live_runtime.device)
+        self.frozen = frozen.to(memory_format=torch.channels_last)
 
     def sources(self, k: int, seed: int):
         """(train, val) inputs for a trial unfreezing k blocks: cached activations, or live."""

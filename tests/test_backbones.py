@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from pipeline.backbones import (
     _SPLITTERS,
@@ -12,6 +13,7 @@ from pipeline.backbones import (
     normalize,
     spec_for,
 )
+from pipeline.bn_folding import folded_copy
 from pipeline.devices import Runtime
 from pipeline.engine import Classifier, TopModel
 from pipeline.errors import PipelineError
@@ -64,15 +66,72 @@ def test_offline_weights_are_really_pretrained():
             281, 282, 285}
 
 
+def pretrained_like(backbone: Backbone, seed: int = 1) -> Backbone:
+    """Random init leaves every BatchNorm an identity, under which a wrong fold would hide:
+    give them the non-trivial statistics and affine weights a trained network has."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in backbone.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5, generator=g)
+                    m.bias.normal_(0, 0.3, generator=g)
+    return backbone
+
+
+def batchnorms(module: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+
+
+@pytest.mark.parametrize("name", OFFLINE)
+def test_folded_batchnorm_computes_the_same_features(name):
+    backbone = pretrained_like(build_backbone(name, "none"))
+    before = batchnorms(backbone)
+    folded = folded_copy(backbone)
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, got = backbone(x), folded(x)
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    if batchnorms(backbone):  # every family but plain VGG has BatchNorms after convs to fold
+        assert batchnorms(folded) < batchnorms(backbone)
+    assert batchnorms(backbone) == before  # a copy: trials train the unfolded blocks
+
+
+class NormThenConv(nn.Module):
+    """Children listed conv, bn — but the data flows bn → conv: folding would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.conv(self.bn(x))
+
+
+def test_a_fold_that_would_change_the_output_is_not_kept():
+    backbone = pretrained_like(Backbone("toy", [NormThenConv(), nn.Sequential(nn.Conv2d(3, 4, 1),
+                                                                             nn.BatchNorm2d(4))], 4, {}))
+    folded = folded_copy(backbone.eval())
+    assert isinstance(folded.blocks[0].bn, nn.BatchNorm2d)  # kept: its fold fails the check
+    assert batchnorms(folded.blocks[1]) == 0  # folded: a Sequential is data flow
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), backbone(x), atol=1e-5)
+
+
 @pytest.mark.parametrize("k", [0, 1, 2, 3, 4])
 def test_cached_activations_reproduce_the_full_forward(k):
-    """A trial that trains the top k blocks on cached activations computes the same function."""
+    """A trial that trains the top k blocks on what extract cached (BatchNorm folded, float16)
+    computes the same function as the whole unfolded network."""
     torch.manual_seed(0)
-    backbone = build_backbone("tf_efficientnet_lite0", "none")
+    backbone = pretrained_like(build_backbone("tf_efficientnet_lite0", "none"))
     head = Head(backbone.num_features, 3, dropout=0.0).eval()
     x = torch.randn(3, 3, 64, 64)
     fp32 = Runtime(torch.device("cpu"), None)
-    pooled, cuts = forward_with_cuts(backbone, x, 4, fp32)
+    pooled, cuts = forward_with_cuts(folded_copy(backbone), x, 4, fp32)
     cached_input = pooled if k == 0 else cuts[k].half().float()  # stored as float16
     top = TopModel.top_of(backbone, head, k).eval()
     with torch.no_grad():
