@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--k", default="0,1,2,4", help="unfrozen block counts to time (default 0,1,2,4)")
     bench.add_argument("--epochs", type=int, default=3, help="epochs per trial (default 3)")
     bench.add_argument("--trials", type=int, default=4, help="trials per study (default 4)")
+    bench.add_argument("--compile", action="store_true",
+                       help="our trials through torch.compile (as finetune.compile: true)")
     retrain = commands.add_parser(
         "retrain", help="what CI runs: dvc pull, dvc repro (register + gate + report), dvc push, summary")
     retrain.add_argument("--remote", default=None, help="DVC remote (default: the project's default remote)")
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.params import load_params
 
             ks = [int(k) for k in args.k.split(",")]
-            bench_main(load_params(args.params), ks, args.epochs, args.trials)
+            bench_main(load_params(args.params), ks, args.epochs, args.trials, args.compile)
         elif args.command == "retrain":
             from pipeline.retrain import main as retrain_main
 

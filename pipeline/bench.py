@@ -178,7 +178,7 @@ def cached_trial(setup: Setup, backbone, head: Head, cache_dir: Path, config: st
 
     _, history = train(model, optimizer, load("train"), load("val"), epochs=epochs, batch_size=f.batch_size,
                        runtime=runtime, seed=seed, label_smoothing=f.label_smoothing,
-                       set_train_mode=set_train_mode, on_epoch=on_epoch)
+                       set_train_mode=set_train_mode, on_epoch=on_epoch, compile_model=f.compile)
     return max(r.val_accuracy for r in history)
 
 
@@ -224,8 +224,12 @@ def run_study(trial_fn, setup: Setup, n_trials: int) -> tuple[float, float]:
     return time.perf_counter() - started, s.best_value
 
 
-def main(params: Params, ks: list[int], epochs: int, n_trials: int) -> None:
+def main(params: Params, ks: list[int], epochs: int, n_trials: int, compile_model: bool = False) -> None:
     import json
+    from dataclasses import replace
+
+    if compile_model:
+        params = replace(params, finetune=replace(params.finetune, compile=True))
 
     manifest = pd.read_csv(paths.MANIFEST)
     classes = json.loads(paths.CLASSES.read_text())["classes"]
@@ -238,7 +242,7 @@ def main(params: Params, ks: list[int], epochs: int, n_trials: int) -> None:
     rows: list[tuple[str, float, float, str]] = []
     say(f"bench: {params.backbone.name} at {setup.size}px, {int((manifest.split == 'train').sum())} train / "
         f"{int((manifest.split == 'val').sum())} val images, {epochs} epochs per trial, "
-        f"{torch.get_num_threads()} threads")
+        f"{torch.get_num_threads()} threads{', our trials torch.compiled' if params.finetune.compile else ''}")
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = Path(tmp)
         with PeakMemory() as naive_mem:

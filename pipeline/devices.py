@@ -40,6 +40,16 @@ class Runtime:
         return x
 
 
+def compiled(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """torch.compile(model) when enabled: same weights, fused kernels after a compile per new
+    input shape and train/eval mode (tens of seconds on a small CPU), else the model itself."""
+    if not enabled:
+        return model
+    # trials of different k share TopModel.forward: room for each k's train and eval graphs
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(model)
+
+
 def cpu_has_bf16() -> bool:
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)

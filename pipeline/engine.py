@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.backbones import Backbone
-from pipeline.devices import Runtime
+from pipeline.devices import Runtime, compiled
 from pipeline.heads import Head
 
 
@@ -107,12 +107,15 @@ def train(
     label_smoothing: float = 0.0,
     set_train_mode: Callable[[], None] | None = None,
     on_epoch: Callable[[EpochResult], bool] | None = None,
+    compile_model: bool = False,
 ) -> tuple[dict, list[EpochResult]]:
     """Train, validate each epoch, keep the best-by-val-accuracy (then val-loss) weights.
 
     set_train_mode re-applies the freezing policy (frozen parts stay in eval mode);
-    on_epoch returns True to stop early (patience, or an Optuna prune that raises).
+    on_epoch returns True to stop early (patience, or an Optuna prune that raises);
+    compile_model runs the steps through torch.compile (the weights stay those of `model`).
     """
+    forward = compiled(model, compile_model)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     rng = np.random.default_rng(seed)
     views = train.views
@@ -132,14 +135,14 @@ def train(
             x = runtime.to_input(train.batch(idx, chosen_views[idx]))
             y = train.labels[idx].to(runtime.device)
             with runtime.autocast():
-                loss = loss_fn(model(x).float(), y)
+                loss = loss_fn(forward(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item() * len(idx)
             seen += len(idx)
         scheduler.step()
-        logits = predict_logits(model, val, batch_size * 2, runtime)
+        logits = predict_logits(forward, val, batch_size * 2, runtime)
         val_loss = nn.functional.cross_entropy(logits, val.labels).item()
         val_acc = (logits.argmax(1) == val.labels).float().mean().item()
         result = EpochResult(epoch, total / max(seen, 1), val_loss, val_acc)

@@ -133,6 +133,7 @@ class TrialRunner:
             model, optimizer, train_source, val_source,
             epochs=f.epochs, batch_size=f.batch_size, runtime=self.runtime, seed=seed,
             label_smoothing=f.label_smoothing, set_train_mode=set_train_mode, on_epoch=on_epoch,
+            compile_model=f.compile,
         )
         best = max(history, key=lambda r: (r.val_accuracy, -r.val_loss))
         # the trial's weights live with its MLflow run, so a worker on any machine can supply

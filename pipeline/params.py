@@ -78,6 +78,7 @@ class FinetuneParams:
     precision: str
     workers: int
     cache: bool
+    compile: bool
 
 
 @dataclass(frozen=True)
