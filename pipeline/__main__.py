@@ -19,6 +19,8 @@ STAGES = {
     "report": "write reports/report.md (metrics, gate decision, figures) and log it to MLflow",
 }
 
+TRACKED = {*STAGES, "worker"} - {"shapes"}  # commands that log to MLflow
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -64,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in TRACKED:
+        # before the stage's own imports, so the import of MLflow is counted as tracking overhead
+        importlib.import_module("pipeline.tracking")
     try:
         if args.command == "finetune":
             from pipeline.finetune import main as finetune_main

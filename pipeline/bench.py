@@ -257,18 +257,24 @@ def main(params: Params, ks: list[int], epochs: int, n_trials: int, compile_mode
             f"channels_last, writing the cache of the top {cache_blocks} cuts); with {views} views incl. "
             f"augmentation {with_views_rate:.1f} img/s")
         naive_peak, our_peak = naive_mem.mib, our_mem.mib
+        accuracies = []  # same config and seed on both paths: a paired check that ours learns as well
         for k in ks:
             config = study.TrialConfig(**{**vars(fixed), "k": k})
             t0 = time.perf_counter()
             with PeakMemory() as m1:
-                naive_trial(setup, backbone, head, config, epochs, params.seed)
+                naive_acc = naive_trial(setup, backbone, head, config, epochs, params.seed)
             t1 = time.perf_counter()
             with PeakMemory() as m2:
-                cached_trial(setup, backbone, head, cache_dir, config, epochs, params.seed)
+                our_acc = cached_trial(setup, backbone, head, cache_dir, config, epochs, params.seed)
             t2 = time.perf_counter()
             naive_peak, our_peak = max(naive_peak, m1.mib), max(our_peak, m2.mib)
+            accuracies.append((naive_acc, our_acc))
             rows.append((f"trial k={k}, seconds", t1 - t0, t2 - t1, "lower is better"))
-            say(f"  trial k={k}: naive {t1 - t0:.1f}s, ours {t2 - t1:.1f}s")
+            say(f"  trial k={k}: naive {t1 - t0:.1f}s (best val accuracy {naive_acc:.3f}), "
+                f"ours {t2 - t1:.1f}s ({our_acc:.3f})")
+        rows.append((f"trials k={','.join(map(str, ks))}: mean best val accuracy",
+                     float(np.mean([a for a, _ in accuracies])), float(np.mean([b for _, b in accuracies])),
+                     "higher is better"))
         setup.params = dataclass_replace_finetune(params, epochs)
         naive_time, naive_best = run_study(
             lambda c, seed, report: naive_trial(setup, backbone, head, c, epochs, seed, report), setup, n_trials)

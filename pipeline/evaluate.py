@@ -11,7 +11,6 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 
@@ -84,7 +83,7 @@ def main(params: Params) -> None:
             "head_only_test_macro_f1": head_report["macro_f1"],
             "finetune_gain": summary["finetune_gain"],
         })
-        mlflow.log_dict({"finetuned": ft_report, "head_only": head_report}, "evaluation.json")
+        tracking.log_dict({"finetuned": ft_report, "head_only": head_report}, "evaluation.json")
         record, message = register(params, name, finetuned.config, pixels, labels, ft_pred,
                                    weights_sha, test_hash, mlrun.info.run_id)
         tracking.record_run("evaluate", mlrun.info.run_id)
@@ -127,7 +126,7 @@ def register(params, name, ft_config, pixels, labels, ft_pred, weights_sha, test
             example_png = Path(tmp) / "input_example.png"
             example_png.write_bytes(to_png_bytes(pixels[0]))
             version = registry.log_and_register(name, paths.FINETUNED_DIR, input_example(example_png), tags)
-        mlflow.log_dict(asdict(decision), "promotion_decision.json")
+        tracking.log_dict(asdict(decision), "promotion_decision.json")
     record = decision_record(version, test_hash)
     finish_registration(name, version, record)
     verdict = "champion" if record["promote"] else "challenger (champion kept)"
@@ -176,6 +175,7 @@ def decision_record(version, test_hash: str) -> dict:
     }
 
 
+@tracking.timed
 def finish_registration(name: str, version, record: dict) -> None:
     """Aliases and the promotion-log line, each done once; the final tag marks the version complete.
 

@@ -28,6 +28,7 @@ from pipeline.params import Params
 from pipeline.progress import bar, say
 
 CACHE_DTYPE = np.float16  # half the bytes of fp32; activations of these nets fit its range
+CACHE_TORCH_DTYPE = torch.float16
 
 
 def cut_block_index(num_blocks: int, k: int) -> int:
@@ -83,8 +84,10 @@ def extract_split(
             pixels = batch if view == 0 else torch.stack([augment(img, generator) for img in batch])
             x = runtime.to_input(normalize(pixels, backbone.input_config))
             pooled, cuts = forward_with_cuts(backbone, x, cache_blocks, runtime)
+            # convert in torch (one pass, multi-threaded) to the stored dtype and NCHW layout
             arrays = {"pooled": pooled.float().cpu().numpy()}
-            arrays.update({f"cut{k}": t.float().cpu().numpy() for k, t in cuts.items()})
+            arrays.update({f"cut{k}": t.to(CACHE_TORCH_DTYPE).cpu().contiguous().numpy()
+                           for k, t in cuts.items()})
             for name, array in arrays.items():
                 if name not in files:
                     dtype = np.float32 if name == "pooled" else CACHE_DTYPE
@@ -160,9 +163,7 @@ def main(params: Params) -> None:
             "extract_seconds": stats["seconds"],
             "cache_bytes_per_view": stats["cache_bytes_per_view"],
         })
-        import mlflow
-
-        mlflow.set_tags({"precision": stats["precision"], "device": stats["device"]})
+        tracking.set_tags({"precision": stats["precision"], "device": stats["device"]})
         tracking.record_run("extract", mlrun.info.run_id)
     say(
         f"extract: {stats['forwards']} forward passes in {stats['seconds']:.1f}s "

@@ -22,7 +22,6 @@ import time
 import warnings
 from pathlib import Path
 
-import mlflow
 import optuna
 import torch
 from optuna.trial import TrialState
@@ -82,8 +81,8 @@ class TrialRunner:
         """
         slot = trial.number if slot is None else slot
         cfg = study.suggest(trial, self.params)
-        child = mlflow.start_run(
-            run_name=f"trial-{trial.number}", parent_run_id=self.parent_run_id, nested=True,
+        child = tracking.start_child_run(
+            f"trial-{trial.number}", self.parent_run_id,
             tags={"stage": "finetune-trial", "optuna_study": trial.study.study_name,
                   "optuna_trial": str(trial.number), "trial_slot": str(slot), **tracking.process_tags()},
         )
@@ -91,18 +90,15 @@ class TrialRunner:
         try:
             value = self._train(trial, cfg, slot)
         except optuna.TrialPruned:
-            mlflow.set_tag("optuna_state", "PRUNED")
-            mlflow.end_run("KILLED")
+            tracking.end_run("KILLED", {"optuna_state": "PRUNED"})
             raise
         except (tracking.Terminated, KeyboardInterrupt):
-            mlflow.end_run("KILLED")
+            tracking.end_run("KILLED")
             raise
         except BaseException as exc:
-            mlflow.set_tags({"optuna_state": "FAIL", "error": repr(exc)[:1000]})
-            mlflow.end_run("FAILED")
+            tracking.end_run("FAILED", {"optuna_state": "FAIL", "error": repr(exc)[:1000]})
             raise
-        mlflow.set_tag("optuna_state", "COMPLETE")
-        mlflow.end_run("FINISHED")
+        tracking.end_run("FINISHED", {"optuna_state": "COMPLETE"})
         return value
 
     def _train(self, trial: optuna.Trial, cfg: study.TrialConfig, slot: int) -> float:
@@ -124,7 +120,7 @@ class TrialRunner:
             tracking.log_curve([result])
             trial.report(result.val_accuracy, result.epoch)
             if trial.should_prune():
-                mlflow.set_tag("pruned_at_epoch", str(result.epoch))
+                tracking.set_tags({"pruned_at_epoch": str(result.epoch)})
                 raise optuna.TrialPruned(f"pruned at epoch {result.epoch}")
             return False
 
@@ -141,7 +137,7 @@ class TrialRunner:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / TRIAL_WEIGHTS
             save_file({k: v.contiguous() for k, v in best_state.items()}, str(path))
-            mlflow.log_artifact(str(path))
+            tracking.log_artifact(str(path))
         tracking.log_metrics({"best_val_accuracy": best.val_accuracy, "best_val_loss": best.val_loss})
         trial.set_user_attr("best_epoch", best.epoch)
         return best.val_accuracy
@@ -247,9 +243,7 @@ def assemble_best(runner: TrialRunner, best: optuna.trial.FrozenTrial) -> Classi
     k = best.params["k"]
     top = runner.model_for(k).cpu()
     with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(
-            run_id=best.user_attrs["mlflow_run_id"], artifact_path=TRIAL_WEIGHTS, dst_path=tmp
-        )
+        local = tracking.download_artifact(best.user_attrs["mlflow_run_id"], TRIAL_WEIGHTS, tmp)
         top.load_state_dict(load_file(local))
     backbone = copy.deepcopy(runner.backbone)
     n = len(backbone.blocks)
@@ -310,7 +304,7 @@ def main(params: Params, workers: int | None = None, params_path: Path = paths.P
         tracking.log_metrics({"best_val_accuracy": best.value, "best_k": best.params["k"],
                               "trials_complete": summary["trials_complete"],
                               "trials_pruned": summary["trials_pruned"], "trials_failed": failed})
-        mlflow.set_tag("best_trial_run_id", best.user_attrs["mlflow_run_id"])
+        tracking.set_tags({"best_trial_run_id": best.user_attrs["mlflow_run_id"]})
         log_study_plots(s)
         write_json(paths.stage_metrics("finetune"), summary)
         write_json(paths.PLOTS_DIR / "finetune_trials.json", [

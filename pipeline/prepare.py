@@ -116,8 +116,6 @@ def main(params: Params) -> None:
         write_json(paths.stage_metrics("prepare"), {**report["counts"],
                                                      "quarantined_by_reason": report["quarantined_by_reason"]})
         tracking.record_run("prepare", mlrun.info.run_id)
-        import mlflow
-
-        mlflow.set_tag("data_hash", report["data_hash"])
-        mlflow.log_artifact(str(paths.PREPARE_REPORT))
+        tracking.set_tags({"data_hash": report["data_hash"]})
+        tracking.log_artifact(str(paths.PREPARE_REPORT))
     say(summary(report))

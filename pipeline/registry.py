@@ -13,6 +13,7 @@ from pipeline.serving import MODEL_CODE, PIP_REQUIREMENTS
 PACKAGE_DIR = Path(__file__).parent
 
 
+@tracking.timed
 def existing_version(name: str, weights_sha256: str):
     """A version already registered with these exact weights (re-running evaluate)."""
     try:
@@ -62,6 +63,7 @@ def set_alias(name: str, alias: str, version: str) -> None:
     tracking.client().set_registered_model_alias(name, alias, version)
 
 
+@tracking.timed
 def download_checkpoint(version, target: Path) -> Path:
     """The checkpoint folder inside a registered version's artifacts (weights + JSON only)."""
     local = mlflow.artifacts.download_artifacts(

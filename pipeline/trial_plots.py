@@ -42,10 +42,11 @@ def study_figures(s: optuna.Study, parallel_coordinate: bool = True) -> dict:
 
 def log_study_plots(s: optuna.Study) -> list[str]:
     import matplotlib.pyplot as plt
-    import mlflow
+
+    from pipeline import tracking
 
     figures = study_figures(s)
     for name, figure in figures.items():
-        mlflow.log_figure(figure, name)
+        tracking.log_figure(figure, name)
         plt.close(figure)
     return list(figures)
