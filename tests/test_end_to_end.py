@@ -58,8 +58,14 @@ def test_pipeline_end_to_end(reference_run):
     experiment = client.get_experiment_by_name("transfer-pipeline")
     runs = client.search_runs([experiment.experiment_id], max_results=200)
     stages = [r.data.tags.get("stage") for r in runs]
-    for stage in ("prepare", "extract", "train_head", "finetune", "evaluate"):
+    STAGE_RUNS = ("prepare", "extract", "train_head", "finetune", "evaluate")
+    for stage in STAGE_RUNS:
         assert stage in stages
+    for r in runs:  # every stage logs what MLflow cost it: start-up (import, store) and calls
+        if r.info.status == "FINISHED" and r.data.tags.get("stage") in STAGE_RUNS:
+            m = r.data.metrics
+            assert m["tracking_startup_seconds"] > 0 and m["tracking_calls_seconds"] > 0
+            assert m["tracking_overhead_seconds"] == m["tracking_startup_seconds"] + m["tracking_calls_seconds"]
     finetune_runs = [r for r in runs if r.data.tags.get("stage") == "finetune"]
     trials = [r for r in runs if r.data.tags.get("stage") == "finetune-trial"]
     parents = {r.info.run_id for r in finetune_runs}
