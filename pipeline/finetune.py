@@ -224,7 +224,7 @@ def worker_main(params: Params, parent_run_id: str | None) -> None:
     threads = os.environ.get("PIPELINE_TORCH_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
-    name = study.study_name(params, holdout.data_hash())
+    name = study.study_name(params, holdout.data_hash(), study.inputs_digest())
     worker = int(os.environ.get("PIPELINE_WORKER_ID") or os.getpid())  # spawned by finetune, or by hand
     if parent_run_id:
         tracking.setup(params.mlflow.experiment)
@@ -253,7 +253,7 @@ def assemble_best(runner: TrialRunner, best: optuna.trial.FrozenTrial) -> Classi
 
 
 def main(params: Params, workers: int | None = None, params_path: Path = paths.PARAMS) -> None:
-    name = study.study_name(params, holdout.data_hash())
+    name = study.study_name(params, holdout.data_hash(), study.inputs_digest())
     workers = workers or params.finetune.workers
     logged = tracking.flatten("finetune", vars(params.finetune))
     with tracking.stage_run("finetune", params.mlflow.experiment, logged, tags={"optuna_study": name}) as mlrun:

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from pipeline import __version__
 from pipeline.params import Params
-from pipeline.paths import mlruns_dir
+from pipeline.paths import FEATURES_DIR, HEAD_DIR, mlruns_dir
 
 
 @dataclass(frozen=True)
@@ -126,12 +126,25 @@ def heartbeat(s: optuna.Study, trial: optuna.Trial):
         thread.join()
 
 
-def study_name(params: Params, data_hash: str) -> str:
+def inputs_digest() -> str:
+    """sha256 of what trials train on — every file extract cached and the trained head — so a
+    change in how they are computed (not only in params) starts a new study."""
+    digest = hashlib.sha256()
+    for path in sorted([*FEATURES_DIR.iterdir(), *HEAD_DIR.iterdir()]):
+        digest.update(path.as_posix().encode())
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def study_name(params: Params, data_hash: str, inputs_hash: str) -> str:
     """Derived from everything that defines the search, so the same config continues one study
-    and any change to the space, data or trial recipe starts a new one."""
+    and any change to the space, data, trial inputs or recipe starts a new one."""
     f = params.finetune
     identity = {
         "data": data_hash,
+        "inputs": inputs_hash,
         "backbone": asdict(params.backbone),
         "image_size": params.data.image_size,
         "extract": {"views": params.extract.views, "precision": params.extract.precision},
@@ -143,7 +156,7 @@ def study_name(params: Params, data_hash: str) -> str:
         "recipe": {
             "epochs": f.epochs, "batch_size": f.batch_size, "label_smoothing": f.label_smoothing,
             "bn_train": f.bn_train, "pruner": f.pruner, "warmup": f.pruner_warmup_epochs,
-            "precision": f.precision, "cache": f.cache,
+            "precision": f.precision, "cache": f.cache, "compile": f.compile,
         },
         "train_head": asdict(params.train_head),
         "seed": params.seed,
