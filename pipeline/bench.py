@@ -235,6 +235,7 @@ def main(params: Params, ks: list[int], epochs: int, n_trials: int, compile_mode
     classes = json.loads(paths.CLASSES.read_text())["classes"]
     setup = Setup(params, manifest, classes, params.data.image_size)
     backbone = build_backbone(params.backbone.name, params.backbone.weights)
+    seed_everything(params.seed)  # the head's random init: the same in every bench run
     head = Head(backbone.num_features, len(classes), 0.2)  # same initial head for both
     # the cache must reach every k timed and every k the study may draw
     cache_blocks = max(*ks, min(params.finetune.max_unfreeze, params.extract.cache_blocks))
