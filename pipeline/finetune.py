@@ -59,8 +59,10 @@ class TrialRunner:
         # the no-cache fallback runs the frozen prefix live, as extract does: inference
         # precision, BatchNorm folded (a copy: trials train the unfolded top blocks)
         self.live_runtime = select_runtime(params.extract.precision)
-        frozen = folded_copy(self.backbone).to(self.live_runtime.device)
-        self.frozen = frozen.to(memory_format=torch.channels_last)
+        self.frozen = None
+        if not params.finetune.cache:
+            frozen = folded_copy(self.backbone).to(self.live_runtime.device)
+            self.frozen = frozen.to(memory_format=torch.channels_last)
 
     def sources(self, k: int, seed: int):
         """(train, val) inputs for a trial unfreezing k blocks: cached activations, or live."""

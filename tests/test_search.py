@@ -196,12 +196,14 @@ def test_live_fallback_feeds_the_same_inputs_and_trains(trained_head, tmp_path, 
 
     from pipeline import features
     from pipeline.backbones import build_backbone
+    from pipeline.bn_folding import folded_copy
     from pipeline.devices import select_runtime
 
     project = copy_project(trained_head, tmp_path / "p", {"cache": False, "n_trials": 1, "epochs": 1})
     monkeypatch.chdir(project)
     meta = features.read_meta()
-    backbone = build_backbone(meta["backbone"], meta["backbone_weights"])
+    # the frozen prefix as finetune runs it live: folded, like extract's
+    backbone = folded_copy(build_backbone(meta["backbone"], meta["backbone_weights"]))
     runtime = select_runtime("auto")
     idx = np.arange(len(features.labels("val")))
     for k in (0, 1, 2):
