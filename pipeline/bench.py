@@ -10,10 +10,11 @@ Same data, backbone, trial budget and seeds for both. Figures are measured here,
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -225,9 +226,6 @@ def run_study(trial_fn, setup: Setup, n_trials: int) -> tuple[float, float]:
 
 
 def main(params: Params, ks: list[int], epochs: int, n_trials: int, compile_model: bool = False) -> None:
-    import json
-    from dataclasses import replace
-
     if compile_model:
         params = replace(params, finetune=replace(params.finetune, compile=True))
 
@@ -289,8 +287,6 @@ def main(params: Params, ks: list[int], epochs: int, n_trials: int, compile_mode
 
 
 def dataclass_replace_finetune(params: Params, epochs: int) -> Params:
-    from dataclasses import replace
-
     return replace(params, finetune=replace(params.finetune, epochs=epochs,
                                             max_unfreeze=min(params.finetune.max_unfreeze,
                                                              params.extract.cache_blocks)))

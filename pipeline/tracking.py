@@ -22,7 +22,22 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 # What MLflow costs a stage, in wall seconds: start-up (importing MLflow, opening or creating
 # the store) and calls (every log, registry and run call the stage makes).
 _overhead = {"startup": 0.0, "calls": 0.0}
-_timing = {"depth": 0}  # nesting of timed calls: only the outermost counts
+_timing = {"depth": 0}  # nesting of clocked sections: only the outermost counts
+
+
+@contextlib.contextmanager
+def _clock(bucket: str) -> Iterator[None]:
+    """Add the wall time of the block to _overhead[bucket] (not when inside another clock)."""
+    if _timing["depth"]:
+        yield
+        return
+    _timing["depth"] += 1
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        _timing["depth"] -= 1
+        _overhead[bucket] += time.perf_counter() - started
 
 
 def _import_mlflow() -> None:
@@ -30,37 +45,23 @@ def _import_mlflow() -> None:
     time is counted; pandas, which every stage uses anyway, is imported before the clock starts."""
     import pandas  # noqa: F401
 
-    started = time.perf_counter()
-    import mlflow  # noqa: F401
-
-    _overhead["startup"] += time.perf_counter() - started
+    with _clock("startup"):
+        import mlflow  # noqa: F401
 
 
 _import_mlflow()
 
 
 def timed(fn):
-    """Count the wall time of a tracking call, so each stage can report its MLflow overhead
-    (only the outermost of nested timed calls counts)."""
+    """Count the wall time of a tracking call, so each stage can report its MLflow overhead."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if _timing["depth"]:
+        with _clock("calls"):
             return fn(*args, **kwargs)
-        _timing["depth"] += 1
-        started = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            _timing["depth"] -= 1
-            _overhead["calls"] += time.perf_counter() - started
 
     return wrapper
-
-
-def overhead_seconds() -> float:
-    return _overhead["startup"] + _overhead["calls"]
 
 
 def tracking_uri() -> str:
@@ -103,11 +104,8 @@ def store_lock():
 
 def setup(experiment: str) -> str:
     """Point mlflow at our store and experiment; return the experiment id. Fails fast, clearly."""
-    started = time.perf_counter()
-    try:
+    with _clock("startup"):  # the first call opens (or creates) the store
         return _setup(experiment)
-    finally:  # the first call opens (or creates) the store: start-up, not a call
-        _overhead["startup"] += time.perf_counter() - started
 
 
 def _setup(experiment: str) -> str:
@@ -199,11 +197,11 @@ def stage_run(stage: str, experiment: str, params: dict, tags: dict | None = Non
     experiment_id = setup(experiment)
     reap_dead_runs(experiment_id)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    started = time.perf_counter()
-    run = mlflow.start_run(run_name=stage)
+    with _clock("calls"):
+        run = mlflow.start_run(run_name=stage)
     try:
-        mlflow.set_tags({"stage": stage, "git_commit": git_commit(), **process_tags(), **(tags or {})})
-        _overhead["calls"] += time.perf_counter() - started
+        with _clock("calls"):
+            mlflow.set_tags({"stage": stage, "git_commit": git_commit(), **process_tags(), **(tags or {})})
         log_params(params)
         yield run
     except (Terminated, KeyboardInterrupt):
