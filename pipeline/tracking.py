@@ -181,8 +181,13 @@ def reap_dead_runs(experiment_id: str) -> int:
     return reaped
 
 
-class Terminated(Exception):
-    """Raised in the main thread on SIGTERM so runs end KILLED instead of staying RUNNING."""
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM so runs end KILLED instead of staying RUNNING.
+
+    A KeyboardInterrupt, not an Exception: libraries wrap or swallow Exceptions raised inside
+    them (MLflow's SQL store turns one into an MlflowException, so a SIGTERM during a store call
+    ended the run FAILED; prepare would have quarantined the image being decoded).
+    """
 
 
 def _raise_terminated(signum, frame):
