@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/dvc repro
 
+# Parallel: most of the suite waits on stage subprocesses. Tests sharing a whole `dvc repro`
+# fixture run in one worker (tests/conftest.py); `pytest -n 0` runs everything in one process.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadgroup
 
 lint: setup
 	$(BIN)/ruff check pipeline tests

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--k", default="0,1,2,4", help="unfrozen block counts to time (default 0,1,2,4)")
     bench.add_argument("--epochs", type=int, default=3, help="epochs per trial (default 3)")
     bench.add_argument("--trials", type=int, default=4, help="trials per study (default 4)")
+    bench.add_argument("--studies", type=int, default=1,
+                       help="study comparisons, each with its own sampler seed (default 1)")
     bench.add_argument("--compile", action="store_true",
                        help="our trials through torch.compile (as finetune.compile: true)")
     retrain = commands.add_parser(
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.params import load_params
 
             ks = [int(k) for k in args.k.split(",")]
-            bench_main(load_params(args.params), ks, args.epochs, args.trials, args.compile)
+            bench_main(load_params(args.params), ks, args.epochs, args.trials, args.compile, args.studies)
         elif args.command == "retrain":
             from pipeline.retrain import main as retrain_main
 

@@ -89,21 +89,33 @@ class TrialRunner:
                   "optuna_trial": str(trial.number), "trial_slot": str(slot), **tracking.process_tags()},
         )
         trial.set_user_attr("mlflow_run_id", child.info.run_id)
+        log = tracking.RunLog(child.info.run_id)  # params, curves, outcome: written in one batch
+        log.log_params({**vars(cfg), "trial_number": trial.number})
         try:
-            value = self._train(trial, cfg, slot)
+            value = self._train(trial, cfg, slot, log)
         except optuna.TrialPruned:
-            tracking.end_run("KILLED", {"optuna_state": "PRUNED"})
+            log.set_tags({"optuna_state": "PRUNED"})
+            self._end(log, "KILLED")
             raise
         except (tracking.Terminated, KeyboardInterrupt):
-            tracking.end_run("KILLED")
+            self._end(log, "KILLED")
             raise
         except BaseException as exc:
-            tracking.end_run("FAILED", {"optuna_state": "FAIL", "error": repr(exc)[:1000]})
+            log.set_tags({"optuna_state": "FAIL", "error": repr(exc)[:1000]})
+            self._end(log, "FAILED")
             raise
-        tracking.end_run("FINISHED", {"optuna_state": "COMPLETE"})
+        log.set_tags({"optuna_state": "COMPLETE"})
+        self._end(log, "FINISHED")
         return value
 
-    def _train(self, trial: optuna.Trial, cfg: study.TrialConfig, slot: int) -> float:
+    @staticmethod
+    def _end(log: tracking.RunLog, status: str) -> None:
+        try:
+            log.flush()  # what the trial logged, also when it was pruned, failed or killed
+        finally:
+            tracking.end_run(status)
+
+    def _train(self, trial: optuna.Trial, cfg: study.TrialConfig, slot: int, log: tracking.RunLog) -> float:
         f = self.params.finetune
         seed = self.params.seed + slot
         seed_everything(seed)
@@ -112,17 +124,16 @@ class TrialRunner:
         groups = param_groups(model.blocks, model.head, cfg.k, cfg.head_lr, cfg.backbone_lr,
                               cfg.layer_decay, cfg.weight_decay)
         optimizer = torch.optim.AdamW(groups)
-        tracking.log_params({**vars(cfg), "trial_number": trial.number})
 
         def set_train_mode() -> None:
             model.head.train()
             freeze_all_but_top(model.blocks, cfg.k, f.bn_train)
 
         def on_epoch(result: EpochResult) -> bool:
-            tracking.log_curve([result])
+            log.log_curve([result])
             trial.report(result.val_accuracy, result.epoch)
             if trial.should_prune():
-                tracking.set_tags({"pruned_at_epoch": str(result.epoch)})
+                log.set_tags({"pruned_at_epoch": str(result.epoch)})
                 raise optuna.TrialPruned(f"pruned at epoch {result.epoch}")
             return False
 
@@ -140,7 +151,7 @@ class TrialRunner:
             path = Path(tmp) / TRIAL_WEIGHTS
             save_file({k: v.contiguous() for k, v in best_state.items()}, str(path))
             tracking.log_artifact(str(path))
-        tracking.log_metrics({"best_val_accuracy": best.val_accuracy, "best_val_loss": best.val_loss})
+        log.log_metrics({"best_val_accuracy": best.val_accuracy, "best_val_loss": best.val_loss})
         trial.set_user_attr("best_epoch", best.epoch)
         return best.val_accuracy
 

@@ -41,12 +41,18 @@ def study_figures(s: optuna.Study, parallel_coordinate: bool = True) -> dict:
 
 
 def log_study_plots(s: optuna.Study) -> list[str]:
+    """Draw the figures, then log them to the active run in one call (drawing is not tracking)."""
+    import tempfile
+    from pathlib import Path
+
     import matplotlib.pyplot as plt
 
     from pipeline import tracking
 
     figures = study_figures(s)
-    for name, figure in figures.items():
-        tracking.log_figure(figure, name)
-        plt.close(figure)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, figure in figures.items():
+            figure.savefig(Path(tmp) / name)
+            plt.close(figure)
+        tracking.log_artifacts(tmp)
     return list(figures)

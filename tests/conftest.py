@@ -119,3 +119,18 @@ def second_clean_run(tmp_path_factory) -> tuple[Path, dict]:
     project = make_project(tmp_path_factory.mktemp("second") / "project")
     run([str(BIN / "dvc"), "repro"], project)
     return project, fingerprint(project)
+
+
+# `make test` runs the suite in parallel (pytest-xdist, --dist loadgroup). Tests sharing an
+# expensive fixture (a whole `dvc repro`) go to one worker, so each is built once.
+SHARED_FIXTURE_GROUPS = {"reference_run": "clean_runs", "second_clean_run": "clean_runs",
+                         "trained_head": "trained_head"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        groups = {SHARED_FIXTURE_GROUPS[name] for name in item.fixturenames if name in SHARED_FIXTURE_GROUPS}
+        if groups:
+            (group,) = groups  # a test needing two groups' fixtures would build one of them twice
+            item.add_marker(pytest.mark.xdist_group(group))

@@ -34,3 +34,40 @@ def test_sigterm_inside_an_mlflow_store_call_ends_the_run_killed(tmp_path):
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "['KILLED']"
+
+
+# A RunLog holding more than one MLflow batch may carry (1000 entries, 100 params and tags).
+# The SQLite store accepts any batch; a tracking server applies MLflow's limits, checked here.
+BIG_RUN_LOG = """
+from mlflow import MlflowClient
+from mlflow.utils.validation import _validate_batch_log_limits
+from pipeline import tracking
+
+unchecked = MlflowClient.log_batch
+def checked(self, run_id, metrics=(), params=(), tags=(), **kwargs):
+    _validate_batch_log_limits(metrics, params, tags)
+    return unchecked(self, run_id, metrics=metrics, params=params, tags=tags, **kwargs)
+MlflowClient.log_batch = checked
+
+with tracking.stage_run("probe", "runlog-probe", {}) as run:
+    log = tracking.RunLog(run.info.run_id, every=3600)
+    log.log_params({f"p{i}": i for i in range(150)})
+    log.set_tags({f"t{i}": i for i in range(120)})
+    for step in range(1250):
+        log.log_metrics({"a": step, "b": -step}, step=step)
+    before = tracking.client().get_run(run.info.run_id).data
+    assert not before.metrics and "p0" not in before.params, "written before flush()"
+    log.flush()
+data = tracking.client().get_run(run.info.run_id).data
+history = tracking.client().get_metric_history(run.info.run_id, "a")
+print(len([k for k in data.params if k.startswith("p")]), len([k for k in data.tags if k.startswith("t")]),
+      len(history), data.metrics["b"])
+"""
+
+
+def test_run_log_holds_back_then_writes_everything_within_mlflow_batch_limits(tmp_path):
+    env = {**project_env(tmp_path), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", BIG_RUN_LOG], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "150 120 1250 -1249.0"
