@@ -7,7 +7,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, Terminated
 
 STAGES = {
     "shapes": "generate the built-in shapes data set (data/shapes)",
@@ -124,10 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot write {exc.filename or 'an output'} ({exc.strerror or exc}) — make that path "
               "writable, or free space", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:  # ^C, or SIGTERM raised as tracking.Terminated
-        terminated = type(exc).__name__ == "Terminated"
-        print("terminated (SIGTERM)" if terminated else "interrupted", file=sys.stderr)
-        return 143 if terminated else 130  # the shell's 128 + signal number
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return 143  # the shell's 128 + signal number
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -97,7 +97,7 @@ class TrialRunner:
             log.set_tags({"optuna_state": "PRUNED"})
             self._end(log, "KILLED")
             raise
-        except (tracking.Terminated, KeyboardInterrupt):
+        except KeyboardInterrupt:  # ^C, or SIGTERM (errors.Terminated)
             self._end(log, "KILLED")
             raise
         except BaseException as exc:
@@ -210,7 +210,7 @@ def work(params: Params, runner: TrialRunner, s: optuna.Study, worker: int = 0) 
                 value = runner.run_trial(trial, study.logical_number(s, trial.number))
             except optuna.TrialPruned:
                 s.tell(trial, state=TrialState.PRUNED)
-            except (tracking.Terminated, KeyboardInterrupt):
+            except KeyboardInterrupt:  # ^C, or SIGTERM (errors.Terminated)
                 s.tell(trial, state=TrialState.FAIL)
                 # retried like a killed trial: its slot is refilled, so a resumed study stays identical
                 study.close_and_retry(s, s.get_trials(deepcopy=False)[trial.number])

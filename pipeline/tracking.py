@@ -10,7 +10,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, Terminated
 from pipeline.paths import mlruns_dir
 
 # MLflow's defaults retry an unreachable server for ~4 minutes; a user wants to know in seconds.
@@ -181,15 +181,6 @@ def reap_dead_runs(experiment_id: str) -> int:
     return reaped
 
 
-class Terminated(KeyboardInterrupt):
-    """Raised in the main thread on SIGTERM so runs end KILLED instead of staying RUNNING.
-
-    A KeyboardInterrupt, not an Exception: libraries wrap or swallow Exceptions raised inside
-    them (MLflow's SQL store turns one into an MlflowException, so a SIGTERM during a store call
-    ended the run FAILED; prepare would have quarantined the image being decoded).
-    """
-
-
 def _raise_terminated(signum, frame):
     raise Terminated(f"signal {signum}")
 
@@ -209,7 +200,7 @@ def stage_run(stage: str, experiment: str, params: dict, tags: dict | None = Non
             mlflow.set_tags({"stage": stage, "git_commit": git_commit(), **process_tags(), **(tags or {})})
         log_params(params)
         yield run
-    except (Terminated, KeyboardInterrupt):
+    except KeyboardInterrupt:  # ^C, or SIGTERM (Terminated)
         _end_all_runs("KILLED", experiment_id)
         raise
     except BaseException:
