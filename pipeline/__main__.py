@@ -22,6 +22,28 @@ STAGES = {
 TRACKED = {*STAGES, "worker"} - {"shapes"}  # commands that log to MLflow
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a count of at least 1 (argparse turns the error into one usage line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+def block_counts(text: str) -> list[int]:
+    """argparse type: comma-separated unfrozen block counts, e.g. 0,1,2,4."""
+    try:
+        counts = [int(k) for k in text.split(",")]
+    except ValueError:
+        counts = [-1]
+    if min(counts) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of block counts like 0,1,2,4")
+    return counts
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
@@ -33,17 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, help_text in STAGES.items():
         sub = commands.add_parser(stage, help=f"stage: {help_text}")
         if stage == "finetune":
-            sub.add_argument("--workers", type=int, default=None,
+            sub.add_argument("--workers", type=positive_int, default=None,
                              help="local processes running trials in parallel (default: finetune.workers)")
     worker = commands.add_parser(
         "worker", help="join this project's finetune study and run trials (any machine sharing "
                        "OPTUNA_STORAGE and MLFLOW_TRACKING_URI)")
     worker.add_argument("--parent-run-id", default=None, help=argparse.SUPPRESS)
     bench = commands.add_parser("bench", help="benchmark our fine-tuning path against a naive loop")
-    bench.add_argument("--k", default="0,1,2,4", help="unfrozen block counts to time (default 0,1,2,4)")
-    bench.add_argument("--epochs", type=int, default=3, help="epochs per trial (default 3)")
-    bench.add_argument("--trials", type=int, default=4, help="trials per study (default 4)")
-    bench.add_argument("--studies", type=int, default=1,
+    bench.add_argument("--k", type=block_counts, default="0,1,2,4",
+                       help="unfrozen block counts to time (default 0,1,2,4)")
+    bench.add_argument("--epochs", type=positive_int, default=3, help="epochs per trial (default 3)")
+    bench.add_argument("--trials", type=positive_int, default=4, help="trials per study (default 4)")
+    bench.add_argument("--studies", type=positive_int, default=1,
                        help="study comparisons, each with its own sampler seed (default 1)")
     bench.add_argument("--compile", action="store_true",
                        help="our trials through torch.compile (as finetune.compile: true)")
@@ -93,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.bench import main as bench_main
             from pipeline.params import load_params
 
-            ks = [int(k) for k in args.k.split(",")]
-            bench_main(load_params(args.params), ks, args.epochs, args.trials, args.compile, args.studies)
+            bench_main(load_params(args.params), args.k, args.epochs, args.trials, args.compile, args.studies)
         elif args.command == "retrain":
             from pipeline.retrain import main as retrain_main
 

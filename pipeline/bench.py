@@ -29,7 +29,7 @@ from torchvision import transforms
 from pipeline import features, paths, study
 from pipeline.backbones import build_backbone
 from pipeline.bn_folding import folded_copy
-from pipeline.checkpoints import read_config, read_weights
+from pipeline.checkpoints import load_head
 from pipeline.devices import seed_everything, select_runtime
 from pipeline.engine import ArraySource, Classifier, TopModel, train
 from pipeline.extract import extract_split
@@ -230,10 +230,8 @@ def starting_head(backbone, classes: list[str], seed: int) -> tuple[Head, str]:
     """The head every trial starts from, on both paths: train_head's, as in finetune (LP-FT);
     a seeded random one when train_head has not run for this backbone and classes."""
     if (paths.HEAD_DIR / paths.CONFIG_FILE).is_file():
-        config = read_config(paths.HEAD_DIR)
+        head, config = load_head(paths.HEAD_DIR)
         if config["num_features"] == backbone.num_features and config["classes"] == classes:
-            head = Head(config["num_features"], len(classes), config["dropout"])
-            head.load_state_dict(read_weights(paths.HEAD_DIR))
             return head, f"the trained head ({paths.HEAD_DIR})"
     seed_everything(seed)
     random_head = Head(backbone.num_features, len(classes), 0.2)

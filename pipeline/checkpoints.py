@@ -55,6 +55,14 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def load_head(directory: Path) -> tuple[Head, dict]:
+    """The head of a head-only checkpoint (train_head's), with its config."""
+    config = read_config(directory)
+    head = Head(config["num_features"], len(config["classes"]), config.get("dropout", 0.0))
+    head.load_state_dict(read_weights(directory))
+    return head, config
+
+
 def load_classifier(directory: Path) -> tuple[Classifier, dict]:
     """Rebuild the assembled model (backbone + head) described by a checkpoint folder.
 

@@ -31,12 +31,11 @@ from pipeline import features, holdout, paths, study, tracking
 from pipeline.atomic import write_json
 from pipeline.backbones import build_backbone
 from pipeline.bn_folding import folded_copy
-from pipeline.checkpoints import read_config, read_weights, save_checkpoint
+from pipeline.checkpoints import load_head, save_checkpoint
 from pipeline.devices import seed_everything, select_runtime
 from pipeline.engine import Classifier, EpochResult, TopModel, train
 from pipeline.errors import PipelineError
 from pipeline.freezing import freeze_all_but_top, param_groups
-from pipeline.heads import Head
 from pipeline.params import Params
 from pipeline.progress import say
 from pipeline.trial_plots import log_study_plots
@@ -52,9 +51,7 @@ class TrialRunner:
         self.meta = features.read_meta()
         self.runtime = select_runtime(params.finetune.precision, training=True)
         self.backbone = build_backbone(self.meta["backbone"], self.meta["backbone_weights"])
-        head_config = read_config(paths.HEAD_DIR)
-        self.head = Head(head_config["num_features"], len(head_config["classes"]), head_config["dropout"])
-        self.head.load_state_dict(read_weights(paths.HEAD_DIR))
+        self.head, _ = load_head(paths.HEAD_DIR)
         self.parent_run_id = parent_run_id
         # the no-cache fallback runs the frozen prefix live, as extract does: inference
         # precision, BatchNorm folded (a copy: trials train the unfolded top blocks)

@@ -238,14 +238,19 @@ def log_params(params: dict) -> None:
     _log_batch(mlflow.active_run().info.run_id, params=params)
 
 
-@timed
-def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str | None = None):
-    import mlflow
+def as_metrics(metrics: dict[str, float], step: int = 0) -> list:
+    """MLflow Metric entities stamped now."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    _log_batch(run_id or mlflow.active_run().info.run_id,
-               metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+    return [Metric(k, float(v), now, step) for k, v in metrics.items()]
+
+
+@timed
+def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str | None = None):
+    import mlflow
+
+    _log_batch(run_id or mlflow.active_run().info.run_id, metrics=as_metrics(metrics, step or 0))
 
 
 @timed
@@ -292,12 +297,10 @@ def start_child_run(run_name: str, parent_run_id: str, tags: dict):
 
 
 @timed
-def end_run(status: str, tags: dict | None = None) -> None:
-    """End the active run with status, after setting tags on it."""
+def end_run(status: str) -> None:
+    """End the active run with status."""
     import mlflow
 
-    if tags:
-        mlflow.set_tags(tags)
     mlflow.end_run(status)
 
 
@@ -340,10 +343,7 @@ class RunLog:
         self.tags.update(tags)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.metrics += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.metrics += as_metrics(metrics, step)
 
     def log_curve(self, history) -> None:
         self.metrics += curve_metrics(history)
