@@ -83,6 +83,15 @@ class ArraySource:
         return out
 
 
+def epoch_view_order(rng: np.random.Generator, n: int, views: int) -> np.ndarray:
+    """(n, views): column e is the view each item trains on in epoch e (mod views).
+
+    Each item walks its own random permutation of its views, so V views give V distinct
+    augmentations in V epochs (drawing with replacement repeats some and skips others).
+    """
+    return np.argsort(rng.random((n, views)), axis=1)
+
+
 def predict_logits(
     model: nn.Module, source: ArraySource, batch_size: int, runtime: Runtime
 ) -> torch.Tensor:
@@ -119,6 +128,7 @@ def train(
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     rng = np.random.default_rng(seed)
     views = train.views
+    view_cycle = epoch_view_order(rng, len(train), views)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
     history: list[EpochResult] = []
     best_key, best_state = None, None
@@ -128,7 +138,7 @@ def train(
         else:
             set_train_mode()
         order = rng.permutation(len(train))
-        chosen_views = rng.integers(0, views, size=len(train))
+        chosen_views = view_cycle[:, (epoch - 1) % views]
         total, seen = 0.0, 0
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]

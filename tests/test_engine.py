@@ -1,0 +1,42 @@
+from collections import Counter
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.devices import Runtime
+from pipeline.engine import ArraySource, epoch_view_order, train
+
+
+class RecordingSource(ArraySource):
+    """Records which view of which item each training batch read."""
+
+    def __init__(self, array, labels):
+        super().__init__(array, labels)
+        self.reads = []
+
+    def batch(self, indices, views):
+        self.reads += list(zip(indices.tolist(), views.tolist(), strict=True))
+        return super().batch(indices, views)
+
+
+def test_epoch_view_order_walks_a_permutation_of_the_views_per_item():
+    order = epoch_view_order(np.random.default_rng(0), n=50, views=4)
+    assert order.shape == (50, 4)
+    assert all(sorted(row) == [0, 1, 2, 3] for row in order.tolist())
+    assert len({tuple(row) for row in order.tolist()}) > 1  # items do not share one order
+
+
+def test_training_sees_every_cached_view_of_every_item_once_per_views_epochs():
+    n, views, dim = 24, 3, 5
+    generator = torch.Generator().manual_seed(0)
+    train_source = RecordingSource(torch.randn(n, views, dim, generator=generator).numpy(),
+                                   np.arange(n) % 2)
+    val_source = ArraySource(torch.randn(8, 1, dim, generator=generator).numpy(), np.arange(8) % 2)
+    model = nn.Linear(dim, 2)
+    train(model, torch.optim.SGD(model.parameters(), lr=0.1), train_source, val_source,
+          epochs=2 * views, batch_size=5, runtime=Runtime(torch.device("cpu"), None), seed=1)
+    first, second = train_source.reads[: n * views], train_source.reads[n * views :]
+    # views epochs: each (item, view) exactly once; then the same walk again
+    assert Counter(first) == Counter({(i, v): 1 for i in range(n) for v in range(views)})
+    assert Counter(second) == Counter(first)
