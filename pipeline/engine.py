@@ -61,7 +61,7 @@ class EpochResult:
 
 
 class ArraySource:
-    """Training inputs: an (N, V, ...) array (memmap fine); each epoch draws one view per item."""
+    """Training inputs: an (N, V, ...) array (memmap fine); each epoch reads one view per item."""
 
     def __init__(self, array: np.ndarray, labels: np.ndarray):
         self.array = array

@@ -193,11 +193,12 @@ def stage_run(stage: str, experiment: str, params: dict, tags: dict | None = Non
     experiment_id = setup(experiment)
     reap_dead_runs(experiment_id)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    with _clock("calls"):
-        run = mlflow.start_run(run_name=stage)
     try:
         with _clock("calls"):
-            mlflow.set_tags({"stage": stage, "git_commit": git_commit(), **process_tags(), **(tags or {})})
+            # created with its owner tags in one write: a signal landing inside start_run leaves
+            # nothing _end_all_runs cannot find
+            run = mlflow.start_run(run_name=stage, tags={
+                "stage": stage, "git_commit": git_commit(), **process_tags(), **(tags or {})})
         log_params(params)
         yield run
     except KeyboardInterrupt:  # ^C, or SIGTERM (Terminated)

@@ -128,7 +128,9 @@ SHARED_FIXTURE_GROUPS = {"reference_run": "clean_runs", "second_clean_run": "cle
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
+    if not config.pluginmanager.hasplugin("xdist"):  # `-p no:xdist`: nothing to schedule
+        return
     for item in items:
         groups = {SHARED_FIXTURE_GROUPS[name] for name in item.fixturenames if name in SHARED_FIXTURE_GROUPS}
         if groups:
