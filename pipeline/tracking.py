@@ -10,7 +10,8 @@ import subprocess
 import time
 from collections.abc import Iterator
 
-from pipeline.errors import PipelineError, Terminated
+from pipeline import interrupts
+from pipeline.errors import PipelineError
 from pipeline.paths import mlruns_dir
 
 # MLflow's defaults retry an unreachable server for ~4 minutes; a user wants to know in seconds.
@@ -53,12 +54,13 @@ _import_mlflow()
 
 
 def timed(fn):
-    """Count the wall time of a tracking call, so each stage can report its MLflow overhead."""
+    """Count the wall time of a tracking call, so each stage can report its MLflow overhead; a
+    SIGTERM arriving meanwhile is raised when it returns (interrupts)."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _clock("calls"):
+        with _clock("calls"), interrupts.store_call():
             return fn(*args, **kwargs)
 
     return wrapper
@@ -181,10 +183,6 @@ def reap_dead_runs(experiment_id: str) -> int:
     return reaped
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated(f"signal {signum}")
-
-
 @contextlib.contextmanager
 def stage_run(stage: str, experiment: str, params: dict, tags: dict | None = None) -> Iterator:
     """An MLflow run for one stage; ends FINISHED, FAILED (exception) or KILLED (SIGTERM/^C)."""
@@ -192,9 +190,9 @@ def stage_run(stage: str, experiment: str, params: dict, tags: dict | None = Non
 
     experiment_id = setup(experiment)
     reap_dead_runs(experiment_id)
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = signal.signal(signal.SIGTERM, interrupts.raise_terminated)
     try:
-        with _clock("calls"):
+        with _clock("calls"), interrupts.store_call():
             # created with its owner tags in one write: a signal landing inside start_run leaves
             # nothing _end_all_runs cannot find
             run = mlflow.start_run(run_name=stage, tags={
@@ -211,7 +209,8 @@ def stage_run(stage: str, experiment: str, params: dict, tags: dict | None = Non
         startup, calls = _overhead["startup"], _overhead["calls"]
         log_metrics({"tracking_overhead_seconds": startup + calls, "tracking_startup_seconds": startup,
                      "tracking_calls_seconds": calls})
-        mlflow.end_run("FINISHED")
+        with interrupts.store_call():
+            mlflow.end_run("FINISHED")
         print(f"{stage}: MLflow took {startup + calls:.2f}s of this stage (start-up {startup:.2f}s: "
               f"import + store; calls {calls:.2f}s)", flush=True)
     finally:

@@ -1,4 +1,5 @@
-"""Stage runs end in the state that says what happened, even when the signal lands inside MLflow."""
+"""Stage runs end in the state that says what happened, even when the signal lands inside MLflow
+or Optuna's storage."""
 
 import subprocess
 import sys
@@ -9,11 +10,13 @@ from conftest import ROOT, project_env
 pytestmark = pytest.mark.fault
 
 # SIGTERM delivered while MLflow's SQL store executes a statement of the stage's own logging —
-# the window that left a run FAILED (MLflow wrapped the exception) instead of KILLED.
+# the window that left a run FAILED (MLflow wrapped the exception) instead of KILLED. The signal
+# is held until the call returns (pipeline.interrupts), then raised.
 SIGTERM_INSIDE_A_STORE_CALL = """
 import os, signal, sqlalchemy
 from mlflow.tracking._tracking_service.utils import _get_store
 from pipeline import tracking
+from pipeline.errors import Terminated
 
 try:
     with tracking.stage_run("probe", "sigterm-probe", {}):
@@ -21,7 +24,7 @@ try:
         sqlalchemy.event.listen(_get_store().engine, "before_cursor_execute", deliver, once=True)
         tracking.log_metrics({"loss": 1.0})
         raise SystemExit("SIGTERM was not delivered inside the store call")
-except tracking.Terminated:
+except Terminated:
     pass
 runs = tracking.client().search_runs([tracking.setup("sigterm-probe")])
 print([run.info.status for run in runs])
@@ -36,12 +39,53 @@ def test_sigterm_inside_an_mlflow_store_call_ends_the_run_killed(tmp_path):
     assert result.stdout.strip().splitlines()[-1] == "['KILLED']"
 
 
+# SIGTERM delivered while Optuna's storage writes a trial's intermediate value: the write
+# completes (a signal cutting a call in half could leave SQLite's write lock held, so the
+# clean-up waited out the busy timeout), Terminated is raised as the call returns, and the
+# clean-up marks the trial FAIL and the run KILLED.
+SIGTERM_INSIDE_AN_OPTUNA_CALL = """
+import os, signal, sqlalchemy, optuna
+from optuna.trial import TrialState
+from pipeline import study, tracking
+from pipeline.errors import Terminated
+
+storage = study.make_storage(f"sqlite:///{os.getcwd()}/optuna.db")
+s = optuna.create_study(storage=storage, study_name="probe")
+reached = []
+try:
+    with tracking.stage_run("probe", "sigterm-probe", {}):
+        trial = s.ask()
+        try:
+            deliver = lambda *args: os.kill(os.getpid(), signal.SIGTERM)
+            sqlalchemy.event.listen(storage.engine, "before_cursor_execute", deliver, once=True)
+            trial.report(0.25, 1)
+            reached.append("after report")
+        except KeyboardInterrupt:
+            s.tell(trial, state=TrialState.FAIL)
+            raise
+except Terminated:
+    pass
+(frozen,) = s.trials
+runs = tracking.client().search_runs([tracking.setup("sigterm-probe")])
+print(reached, frozen.state.name, frozen.intermediate_values, [run.info.status for run in runs])
+"""
+
+
+def test_sigterm_inside_an_optuna_storage_call_lets_it_finish_then_stops(tmp_path):
+    env = {**project_env(tmp_path), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", SIGTERM_INSIDE_AN_OPTUNA_CALL], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[] FAIL {1: 0.25} ['KILLED']"
+
+
 # A RunLog holding more than one MLflow batch may carry (1000 entries, 100 params and tags).
 # The SQLite store accepts any batch; a tracking server applies MLflow's limits, checked here.
 BIG_RUN_LOG = """
 from mlflow import MlflowClient
 from mlflow.utils.validation import _validate_batch_log_limits
 from pipeline import tracking
+from pipeline.errors import Terminated
 
 unchecked = MlflowClient.log_batch
 def checked(self, run_id, metrics=(), params=(), tags=(), **kwargs):
