@@ -9,6 +9,15 @@ from conftest import ROOT, project_env
 
 pytestmark = pytest.mark.fault
 
+
+def last_line_printed_by(script: str, project) -> str:
+    """Run a probe script in a fresh process (its own signal handlers, stores under project)."""
+    env = {**project_env(project), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=project, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip().splitlines()[-1]
+
 # SIGTERM delivered while MLflow's SQL store executes a statement of the stage's own logging —
 # the window that left a run FAILED (MLflow wrapped the exception) instead of KILLED. The signal
 # is held until the call returns (pipeline.interrupts), then raised.
@@ -32,11 +41,7 @@ print([run.info.status for run in runs])
 
 
 def test_sigterm_inside_an_mlflow_store_call_ends_the_run_killed(tmp_path):
-    env = {**project_env(tmp_path), "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", SIGTERM_INSIDE_A_STORE_CALL], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == "['KILLED']"
+    assert last_line_printed_by(SIGTERM_INSIDE_A_STORE_CALL, tmp_path) == "['KILLED']"
 
 
 # SIGTERM delivered while Optuna's storage writes a trial's intermediate value: the write
@@ -72,11 +77,7 @@ print(reached, frozen.state.name, frozen.intermediate_values, [run.info.status f
 
 
 def test_sigterm_inside_an_optuna_storage_call_lets_it_finish_then_stops(tmp_path):
-    env = {**project_env(tmp_path), "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", SIGTERM_INSIDE_AN_OPTUNA_CALL], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == "[] FAIL {1: 0.25} ['KILLED']"
+    assert last_line_printed_by(SIGTERM_INSIDE_AN_OPTUNA_CALL, tmp_path) == "[] FAIL {1: 0.25} ['KILLED']"
 
 
 # A RunLog holding more than one MLflow batch may carry (1000 entries, 100 params and tags).
@@ -110,8 +111,4 @@ print(len([k for k in data.params if k.startswith("p")]), len([k for k in data.t
 
 
 def test_run_log_holds_back_then_writes_everything_within_mlflow_batch_limits(tmp_path):
-    env = {**project_env(tmp_path), "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", BIG_RUN_LOG], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == "150 120 1250 -1249.0"
+    assert last_line_printed_by(BIG_RUN_LOG, tmp_path) == "150 120 1250 -1249.0"
