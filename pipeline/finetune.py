@@ -27,7 +27,7 @@ import torch
 from optuna.trial import TrialState
 from safetensors.torch import load_file, save_file
 
-from pipeline import features, holdout, paths, study, tracking
+from pipeline import features, holdout, interrupts, paths, study, tracking
 from pipeline.atomic import write_json
 from pipeline.backbones import build_backbone
 from pipeline.bn_folding import folded_copy
@@ -192,32 +192,42 @@ def work(params: Params, runner: TrialRunner, s: optuna.Study, worker: int = 0) 
                 "ones (all pruned or failed?) — check the trial runs in MLflow, or widen the search space"
             )
         s.sampler = study.make_sampler(params, study.next_slot(s), worker)
-        with warnings.catch_warnings():  # our loop records the heartbeats that optimize() would
-            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-            trial = s.ask()
-        study.claim(trial)
-        in_flight = sorted(t.number for t in s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
-                                                                                   TrialState.RUNNING)))
-        if trial.number not in in_flight[:n]:  # another worker took the last slot this instant
-            trial.set_user_attr("surplus", True)
-            s.tell(trial, state=TrialState.FAIL)
-            continue
-        with study.heartbeat(s, trial):
-            try:
-                value = runner.run_trial(trial, study.logical_number(s, trial.number))
-            except optuna.TrialPruned:
-                s.tell(trial, state=TrialState.PRUNED)
-            except KeyboardInterrupt:  # ^C, or SIGTERM (errors.Terminated)
+        trial = None
+        try:
+            # a SIGTERM during ask is held until the trial exists, so the handler below can fail it
+            with warnings.catch_warnings(), interrupts.store_call():
+                # our loop records the heartbeats that optimize() would
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+                trial = s.ask()
+                study.claim(trial)
+            in_flight = sorted(t.number for t in s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                                                       TrialState.RUNNING)))
+            if trial.number not in in_flight[:n]:  # another worker took the last slot this instant
+                trial.set_user_attr("surplus", True)
                 s.tell(trial, state=TrialState.FAIL)
-                # retried like a killed trial: its slot is refilled, so a resumed study stays identical
-                study.close_and_retry(s, s.get_trials(deepcopy=False)[trial.number])
-                raise
-            except Exception:
-                s.tell(trial, state=TrialState.FAIL)
-                raise
-            else:
-                s.tell(trial, value)
-                ran += 1
+                continue
+            with study.heartbeat(s, trial):
+                try:
+                    value = runner.run_trial(trial, study.logical_number(s, trial.number))
+                except optuna.TrialPruned:
+                    s.tell(trial, state=TrialState.PRUNED)
+                except Exception:
+                    s.tell(trial, state=TrialState.FAIL)
+                    raise
+                else:
+                    s.tell(trial, value)
+                    ran += 1
+        except KeyboardInterrupt:  # ^C, or SIGTERM (errors.Terminated), at any point of the trial
+            if trial is not None and s.get_trials(deepcopy=False)[trial.number].state == TrialState.RUNNING:
+                fail_and_retry(s, trial)
+            raise
+
+
+def fail_and_retry(s: optuna.Study, trial: optuna.Trial) -> None:
+    """An interrupted trial: FAIL, and retried like a killed one — its slot is refilled, so a
+    resumed study stays identical."""
+    s.tell(trial, state=TrialState.FAIL)
+    study.close_and_retry(s, s.get_trials(deepcopy=False)[trial.number])
 
 
 def spawn_workers(extra: int, params_path: Path, parent_run_id: str) -> list[subprocess.Popen]:
