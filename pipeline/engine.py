@@ -86,8 +86,9 @@ class ArraySource:
 def epoch_view_order(rng: np.random.Generator, n: int, views: int) -> np.ndarray:
     """(n, views): column e is the view each item trains on in epoch e (mod views).
 
-    Each item walks its own random permutation of its views, so V views give V distinct
-    augmentations in V epochs (drawing with replacement repeats some and skips others).
+    Each item walks its own random permutation of its views, so in V epochs it sees each of
+    them once (view 0 plain, the rest augmented); drawing with replacement repeats some and
+    skips others.
     """
     return np.argsort(rng.random((n, views)), axis=1)
 
