@@ -218,16 +218,18 @@ def work(params: Params, runner: TrialRunner, s: optuna.Study, worker: int = 0) 
                     s.tell(trial, value)
                     ran += 1
         except KeyboardInterrupt:  # ^C, or SIGTERM (errors.Terminated), at any point of the trial
-            if trial is not None and s.get_trials(deepcopy=False)[trial.number].state == TrialState.RUNNING:
+            if trial is not None:
                 fail_and_retry(s, trial)
             raise
 
 
 def fail_and_retry(s: optuna.Study, trial: optuna.Trial) -> None:
-    """An interrupted trial: FAIL, and retried like a killed one — its slot is refilled, so a
-    resumed study stays identical."""
-    s.tell(trial, state=TrialState.FAIL)
-    study.close_and_retry(s, s.get_trials(deepcopy=False)[trial.number])
+    """An interrupted trial still RUNNING: FAIL, and retried like a killed one — its slot is
+    refilled, so a resumed study stays identical. One already told (the signal came after) stays."""
+    frozen = s.get_trials(deepcopy=False)[trial.number]
+    if frozen.state == TrialState.RUNNING:
+        s.tell(trial, state=TrialState.FAIL)
+        study.close_and_retry(s, frozen)
 
 
 def spawn_workers(extra: int, params_path: Path, parent_run_id: str) -> list[subprocess.Popen]:
