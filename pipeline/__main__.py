@@ -70,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="study comparisons, each with its own sampler seed (default 1)")
     bench.add_argument("--compile", action="store_true",
                        help="our trials through torch.compile (as finetune.compile: true)")
+    stability = commands.add_parser(
+        "stability", help="run train_head → evaluate for several seeds and once with bf16-sized noise; "
+                          "print the shipped model's test accuracy, chosen k, time and spread")
+    stability.add_argument("--seeds", type=block_counts, default="42,43,44,45,46",
+                           help="comma-separated seeds (default 42,43,44,45,46)")
+    stability.add_argument("--no-noise", dest="noise", action="store_false",
+                           help="skip the run on noise-perturbed activations")
+    stability.add_argument("--keep", type=Path, default=None,
+                           help="keep each run's scratch project under this folder (default: a temp dir)")
     retrain = commands.add_parser(
         "retrain", help="what CI runs: dvc pull, dvc repro (register + gate + report), dvc push, summary")
     retrain.add_argument("--remote", default=None, help="DVC remote (default: the project's default remote)")
@@ -117,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.params import load_params
 
             bench_main(load_params(args.params), args.k, args.epochs, args.trials, args.compile, args.studies)
+        elif args.command == "stability":
+            from pipeline.stability import main as stability_main
+
+            stability_main(args.seeds, args.noise, args.keep)
         elif args.command == "retrain":
             from pipeline.retrain import main as retrain_main
 

@@ -16,6 +16,7 @@ import pandas as pd
 
 from pipeline import gate, holdout, paths, registry, tracking
 from pipeline.atomic import write_json, write_text
+from pipeline.checkpoints import load_classifier, save_checkpoint
 from pipeline.metrics import classification_report
 from pipeline.params import Params, params_hash
 from pipeline.progress import say
@@ -51,6 +52,23 @@ def write_plots(test: pd.DataFrame, classes: list[str], predictions: dict) -> No
         write_text(paths.PLOTS_DIR / f"confusion_{model_name}.csv", rows.to_csv(index=False))
 
 
+def shipped_model() -> tuple[str, Path, str]:
+    """(which model ships, its checkpoint folder, why): decided by finetune on validation only."""
+    selection = json.loads(paths.SELECTION.read_text())
+    folder = paths.FINETUNED_DIR if selection["shipped"] == "finetuned" else paths.HEAD_DIR
+    return selection["shipped"], folder, selection["reason"]
+
+
+def self_contained(folder: Path, out: Path) -> Path:
+    """A checkpoint holding every weight. A head-only one stores just the head and names where
+    its backbone's weights come from; registered as is, serving it would need that download."""
+    model, config = load_classifier(folder)
+    if not config.get("head_only"):
+        return folder
+    save_checkpoint(out, model.state_dict(), {**config, "head_only": False})
+    return out
+
+
 def main(params: Params) -> None:
     test, pixels = holdout.load()
     labels = test.label_index.to_numpy()
@@ -60,15 +78,17 @@ def main(params: Params) -> None:
     classes = finetuned.classes
     ft_pred, ft_report = score(finetuned, pixels, labels, batch)
     head_pred, head_report = score(head_only, pixels, labels, batch)
-    weights_sha = hashlib.sha256(
-        (paths.FINETUNED_DIR / paths.WEIGHTS_FILE).read_bytes()
-    ).hexdigest()
+    shipped, shipped_dir, why = shipped_model()
+    ship_pred, ship_report, ship_config = ((ft_pred, ft_report, finetuned.config) if shipped == "finetuned"
+                                           else (head_pred, head_report, head_only.config))
     test_hash = holdout.split_hash(test)
     summary = {
         "test_images": len(test),
         "finetuned": {"accuracy": ft_report["accuracy"], "macro_f1": ft_report["macro_f1"]},
         "head_only": {"accuracy": head_report["accuracy"], "macro_f1": head_report["macro_f1"]},
         "finetune_gain": ft_report["accuracy"] - head_report["accuracy"],
+        # the model registered for deployment, chosen on validation data before this test
+        "shipped": {"model": shipped, "accuracy": ship_report["accuracy"], "macro_f1": ship_report["macro_f1"]},
     }
     write_json(paths.METRICS_DIR / "per_class.json",
                {"finetuned": ft_report["per_class"], "head_only": head_report["per_class"]})
@@ -76,15 +96,20 @@ def main(params: Params) -> None:
 
     name = params.evaluate.model_name
     logged = tracking.flatten("evaluate", vars(params.evaluate))
-    with tracking.stage_run("evaluate", params.mlflow.experiment, logged) as mlrun:
+    with tempfile.TemporaryDirectory() as tmp, \
+            tracking.stage_run("evaluate", params.mlflow.experiment, logged) as mlrun:
+        shipped_dir = self_contained(shipped_dir, Path(tmp) / "checkpoint")
+        weights_sha = hashlib.sha256((shipped_dir / paths.WEIGHTS_FILE).read_bytes()).hexdigest()
         tracking.log_metrics({
+            "shipped_test_accuracy": ship_report["accuracy"], "shipped_test_macro_f1": ship_report["macro_f1"],
             "test_accuracy": ft_report["accuracy"], "test_macro_f1": ft_report["macro_f1"],
             "head_only_test_accuracy": head_report["accuracy"],
             "head_only_test_macro_f1": head_report["macro_f1"],
             "finetune_gain": summary["finetune_gain"],
         })
         tracking.log_dict({"finetuned": ft_report, "head_only": head_report}, "evaluation.json")
-        record, message = register(params, name, finetuned.config, pixels, labels, ft_pred,
+        tracking.set_tags({"shipped": shipped})
+        record, message = register(params, name, shipped_dir, ship_config, pixels, labels, ship_pred,
                                    weights_sha, test_hash, mlrun.info.run_id)
         tracking.record_run("evaluate", mlrun.info.run_id)
     if record["champion_version"] is not None and record["champion_accuracy"] is not None:
@@ -97,12 +122,14 @@ def main(params: Params) -> None:
     say(
         f"evaluate: {len(test)} test images — head-only accuracy {head_report['accuracy']:.4f} "
         f"(macro-F1 {head_report['macro_f1']:.4f}), fine-tuned accuracy "
-        f"{ft_report['accuracy']:.4f} (macro-F1 {ft_report['macro_f1']:.4f})\n{message}"
+        f"{ft_report['accuracy']:.4f} (macro-F1 {ft_report['macro_f1']:.4f})\n"
+        f"evaluate: ships {shipped} (test accuracy {ship_report['accuracy']:.4f}) — chosen on validation: {why}\n"
+        f"{message}"
     )
 
 
-def register(params, name, ft_config, pixels, labels, ft_pred, weights_sha, test_hash, run_id):
-    """Register the fine-tuned model with the gate's decision, then move the aliases.
+def register(params, name, model_dir, ft_config, pixels, labels, ft_pred, weights_sha, test_hash, run_id):
+    """Register the shipped model (model_dir) with the gate's decision, then move the aliases.
 
     Idempotent and resumable: the decision is stored as tags of the version when it is created,
     so a re-run (or a run after a kill between registering and aliasing) finds the version by its
@@ -125,7 +152,7 @@ def register(params, name, ft_config, pixels, labels, ft_pred, weights_sha, test
         with tempfile.TemporaryDirectory() as tmp:
             example_png = Path(tmp) / "input_example.png"
             example_png.write_bytes(to_png_bytes(pixels[0]))
-            version = registry.log_and_register(name, paths.FINETUNED_DIR, input_example(example_png), tags)
+            version = registry.log_and_register(name, model_dir, input_example(example_png), tags)
         tracking.log_dict(asdict(decision), "promotion_decision.json")
     record = decision_record(version, test_hash)
     finish_registration(name, version, record)
@@ -142,8 +169,9 @@ def lineage_tags(ft_config, weights_sha, test_hash, ft_pred, labels, run_id, par
         "git_commit": tracking.git_commit(),
         "data_hash": holdout.data_hash(),
         "params_hash": params_hash(params),
-        "optuna_study": ft_config["study"],
-        "optuna_trial": str(ft_config["trial"]),
+        "shipped": "finetuned" if ft_config.get("study") else "head_only",
+        "optuna_study": ft_config.get("study", ""),  # a head-only model has no trial
+        "optuna_trial": str(ft_config.get("trial", "")),
         "trial_run_id": ft_config.get("trial_run_id", ""),
         "unfrozen_blocks": str(ft_config["k"]),
         "backbone": ft_config["backbone"],

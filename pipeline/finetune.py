@@ -7,7 +7,7 @@ checkpoint of the whole model.
 
 Trials are run by `work()`, which any number of processes (`finetune.workers`, `python -m
 pipeline worker` on other machines) can run against one study: it stops when the study holds
-`n_trials` complete trials, and a SIGKILLed worker's trial is failed by its stale heartbeat and
+`n_trials` finished (complete or pruned) trials, and a SIGKILLed worker's trial is failed by its stale heartbeat and
 retried with the same parameters.
 """
 
@@ -20,20 +20,22 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import optuna
 import torch
 from optuna.trial import TrialState
 from safetensors.torch import load_file, save_file
 
-from pipeline import features, holdout, interrupts, paths, study, tracking
+from pipeline import features, holdout, interrupts, paths, selection, study, tracking
 from pipeline.atomic import write_json
 from pipeline.backbones import build_backbone
 from pipeline.bn_folding import folded_copy
 from pipeline.checkpoints import load_head, save_checkpoint
 from pipeline.devices import seed_everything, select_runtime
-from pipeline.engine import Classifier, EpochResult, TopModel, train
+from pipeline.engine import Classifier, EpochResult, TopModel, predict_logits, train
 from pipeline.errors import PipelineError
 from pipeline.freezing import freeze_all_but_top, param_groups
 from pipeline.params import Params
@@ -112,9 +114,10 @@ class TrialRunner:
         finally:
             tracking.end_run(status)
 
-    def _train(self, trial: optuna.Trial, cfg: study.TrialConfig, slot: int, log: tracking.RunLog) -> float:
+    def fit(self, cfg: study.TrialConfig, seed: int, on_epoch=None) -> tuple[TopModel, list[EpochResult]]:
+        """Train fresh top k blocks + head with cfg; the model comes back with its last-epoch
+        weights — the ones its score describes (no best-of-epochs pick on the validation split)."""
         f = self.params.finetune
-        seed = self.params.seed + slot
         seed_everything(seed)
         model = self.model_for(cfg.k)
         freeze_all_but_top(model.blocks, cfg.k, f.bn_train)
@@ -126,6 +129,22 @@ class TrialRunner:
             model.head.train()
             freeze_all_but_top(model.blocks, cfg.k, f.bn_train)
 
+        train_source, val_source = self.sources(cfg.k, seed)
+        _, history = train(
+            model, optimizer, train_source, val_source,
+            epochs=f.epochs, batch_size=f.batch_size, runtime=self.runtime, seed=seed,
+            label_smoothing=f.label_smoothing, set_train_mode=set_train_mode, on_epoch=on_epoch,
+            compile_model=f.compile,
+        )
+        return model.eval(), history
+
+    def val_correct(self, model: TopModel, k: int) -> np.ndarray:
+        """(N_val,) bool: which validation images the model classifies correctly."""
+        source = self.sources(k, self.params.seed)[1]
+        logits = predict_logits(model, source, self.params.finetune.batch_size * 2, self.runtime)
+        return (logits.argmax(1) == source.labels).numpy()
+
+    def _train(self, trial: optuna.Trial, cfg: study.TrialConfig, slot: int, log: tracking.RunLog) -> float:
         def on_epoch(result: EpochResult) -> bool:
             log.log_curve([result])
             trial.report(result.val_accuracy, result.epoch)
@@ -134,23 +153,90 @@ class TrialRunner:
                 raise optuna.TrialPruned(f"pruned at epoch {result.epoch}")
             return False
 
-        train_source, val_source = self.sources(cfg.k, seed)
-        best_state, history = train(
-            model, optimizer, train_source, val_source,
-            epochs=f.epochs, batch_size=f.batch_size, runtime=self.runtime, seed=seed,
-            label_smoothing=f.label_smoothing, set_train_mode=set_train_mode, on_epoch=on_epoch,
-            compile_model=f.compile,
-        )
-        best = max(history, key=lambda r: (r.val_accuracy, -r.val_loss))
+        model, history = self.fit(cfg, self.params.seed + slot, on_epoch)
+        final = history[-1]
         # the trial's weights live with its MLflow run, so a worker on any machine can supply
         # the best trial; logged before the trial is told COMPLETE
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / TRIAL_WEIGHTS
-            save_file({k: v.contiguous() for k, v in best_state.items()}, str(path))
-            tracking.log_artifact(str(path))
-        log.log_metrics({"best_val_accuracy": best.val_accuracy, "best_val_loss": best.val_loss})
-        trial.set_user_attr("best_epoch", best.epoch)
-        return best.val_accuracy
+        log_weights(model.state_dict())
+        log.log_metrics({"val_accuracy": final.val_accuracy, "val_loss": final.val_loss})
+        return final.val_accuracy
+
+    def rescore(self, cfg: study.TrialConfig, slot: int, repeat: int) -> TrainedRun:
+        """Train a candidate's configuration again with a fresh seed, in its own child run."""
+        seed = self.params.seed + slot + RESCORE_SEED_STRIDE * repeat
+        child = tracking.start_child_run(
+            f"rescore-{slot}-{repeat}", self.parent_run_id,
+            tags={"stage": "finetune-rescore", "trial_slot": str(slot), "repeat": str(repeat),
+                  **tracking.process_tags()},
+        )
+        log = tracking.RunLog(child.info.run_id)
+        log.log_params({**vars(cfg), "seed": seed})
+        status = "FAILED"
+        try:
+            model, _ = self.fit(cfg, seed, lambda result: log.log_curve([result]) or False)
+            correct = self.val_correct(model, cfg.k)
+            log.log_metrics({"val_accuracy": float(correct.mean())})
+            status = "FINISHED"
+        except KeyboardInterrupt:  # ^C, or SIGTERM (errors.Terminated)
+            status = "KILLED"
+            raise
+        finally:
+            self._end(log, status)
+        return TrainedRun(cfg.k, model.state_dict(), correct, child.info.run_id)
+
+
+@dataclass
+class TrainedRun:
+    """A trained top model (k blocks + head) and how it did on each validation image."""
+
+    k: int
+    state: dict[str, torch.Tensor]
+    val_correct: np.ndarray
+    run_id: str
+
+
+RESCORE_SEED_STRIDE = 1000  # re-scoring seeds stay clear of the study's seeds (seed + slot)
+
+
+def log_weights(state: dict[str, torch.Tensor]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / TRIAL_WEIGHTS
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        tracking.log_artifact(str(path))
+
+
+def trial_run(runner: TrialRunner, trial: optuna.trial.FrozenTrial) -> TrainedRun:
+    """A COMPLETE trial's own weights (from its MLflow run, any worker's) and validation results."""
+    k = trial.params["k"]
+    model = runner.model_for(k)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = tracking.download_artifact(trial.user_attrs["mlflow_run_id"], TRIAL_WEIGHTS, tmp)
+        model.load_state_dict(load_file(local))
+    return TrainedRun(k, model.state_dict(), runner.val_correct(model, k), trial.user_attrs["mlflow_run_id"])
+
+
+def select(params: Params, runner: TrialRunner, s: optuna.Study):
+    """Re-score the study's top configurations over fresh seeds, keep the best by mean validation
+    accuracy, and decide on validation whether it ships instead of the head-only model.
+
+    Returns (ranked candidates, the chosen run, the shipping decision).
+    """
+    f = params.finetune
+    candidates, runs = [], {}
+    for trial in study.top_trials(s, f.rescore_top):
+        slot = study.logical_number(s, trial.number)
+        cfg = study.config_of(trial, params)
+        trained = [trial_run(runner, trial)]
+        trained += [runner.rescore(cfg, slot, repeat) for repeat in range(1, f.rescore_seeds)]
+        runs[slot] = trained
+        candidates.append(selection.Candidate(slot, dict(trial.params),
+                                              [float(r.val_correct.mean()) for r in trained]))
+    ranked = selection.rank(candidates)
+    # of the chosen configuration's seeds, the best on validation (the first on ties)
+    chosen = max(runs[ranked[0].slot], key=lambda r: r.val_correct.mean())
+    head_correct = runner.val_correct(TopModel(runner.head), 0)
+    decision = selection.decide_shipping(chosen.val_correct, head_correct, f.ship_significance)
+    return ranked, chosen, decision
 
 
 def open_study(params: Params, name: str) -> optuna.Study:
@@ -161,17 +247,22 @@ def open_study(params: Params, name: str) -> optuna.Study:
         )
 
 
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards finetune.n_trials
+
+
 def count(s: optuna.Study, *states: TrialState) -> int:
     return len(s.get_trials(deepcopy=False, states=states))
 
 
 def work(params: Params, runner: TrialRunner, s: optuna.Study, worker: int = 0) -> int:
-    """Run trials until the study holds n_trials COMPLETE ones; returns how many this ran.
+    """Run trials until the study holds n_trials finished (COMPLETE or PRUNED) ones, as Optuna's
+    own `optimize(n_trials=...)` counts them; returns how many this ran.
 
     worker: 0 for the finetune stage itself, another number for each parallel worker, so that
     workers asking at the same moment do not draw the same parameters.
-    Pruned and failed trials do not count. A slot is claimed by asking for a trial and then
-    checking that it is among the first n complete-or-running ones, so workers that start
+    Failed trials do not count (a killed one is retried). A pruned one does: the pruner exists to
+    save its cost, not to buy a replacement. A slot is claimed by asking for a trial and then
+    checking that it is among the first n finished-or-running ones, so workers that start
     together never overshoot n.
     """
     n = params.finetune.n_trials
@@ -179,17 +270,17 @@ def work(params: Params, runner: TrialRunner, s: optuna.Study, worker: int = 0) 
     ran, attempts = 0, 0
     while True:
         study.fail_stale_trials(s)
-        complete = count(s, TrialState.COMPLETE)
-        if complete >= n or (deadline and time.monotonic() > deadline):
+        finished = count(s, *FINISHED)
+        if finished >= n or (deadline and time.monotonic() > deadline):
             return ran
-        if complete + count(s, TrialState.RUNNING) >= n:
+        if finished + count(s, TrialState.RUNNING) >= n:
             time.sleep(1.0)  # the last slots are in flight elsewhere; they may still fail
             continue
         attempts += 1
         if attempts > 10 * n:
             raise PipelineError(
-                f"finetune: {attempts - 1} trials started but the study still lacks {n - complete} complete "
-                "ones (all pruned or failed?) — check the trial runs in MLflow, or widen the search space"
+                f"finetune: {attempts - 1} trials started but the study still lacks {n - finished} finished "
+                "ones (all failed?) — check the trial runs in MLflow"
             )
         s.sampler = study.make_sampler(params, study.next_slot(s), worker)
         trial = None
@@ -200,8 +291,8 @@ def work(params: Params, runner: TrialRunner, s: optuna.Study, worker: int = 0) 
                 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
                 trial = s.ask()
                 study.claim(trial)
-            in_flight = sorted(t.number for t in s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
-                                                                                       TrialState.RUNNING)))
+            in_flight = sorted(t.number for t in s.get_trials(deepcopy=False,
+                                                              states=(*FINISHED, TrialState.RUNNING)))
             if trial.number not in in_flight[:n]:  # another worker took the last slot this instant
                 trial.set_user_attr("surplus", True)
                 s.tell(trial, state=TrialState.FAIL)
@@ -260,81 +351,104 @@ def worker_main(params: Params, parent_run_id: str | None) -> None:
     say(f"worker: ran {ran} trial(s) of study {name}")
 
 
-def assemble_best(runner: TrialRunner, best: optuna.trial.FrozenTrial) -> Classifier:
-    """The full model: pretrained backbone with the best trial's top k blocks and head."""
-    k = best.params["k"]
-    top = runner.model_for(k).cpu()
-    with tempfile.TemporaryDirectory() as tmp:
-        local = tracking.download_artifact(best.user_attrs["mlflow_run_id"], TRIAL_WEIGHTS, tmp)
-        top.load_state_dict(load_file(local))
+def assemble(runner: TrialRunner, run: TrainedRun) -> Classifier:
+    """The full model: the pretrained backbone with the run's trained top k blocks and head."""
+    top = runner.model_for(run.k).cpu()
+    top.load_state_dict(run.state)
     backbone = copy.deepcopy(runner.backbone)
     n = len(backbone.blocks)
     for j, block in enumerate(top.blocks):
-        backbone.blocks[n - k + j] = block
+        backbone.blocks[n - run.k + j] = block
     return Classifier(backbone, top.head).eval()
+
+
+def run_study(params: Params, runner: TrialRunner, s: optuna.Study, workers: int, params_path: Path) -> None:
+    """This process and `workers - 1` local helpers run trials until the study is complete."""
+    helpers = spawn_workers(workers - 1, params_path, runner.parent_run_id) if workers > 1 else []
+    try:
+        work(params, runner, s)
+    finally:
+        codes = [p.wait() for p in helpers]
+    if any(codes):
+        raise PipelineError(f"finetune: {sum(c != 0 for c in codes)} worker process(es) failed — see above")
+
+
+def checkpoint_config(runner: TrialRunner, name: str, chosen: selection.Candidate, run: TrainedRun) -> dict:
+    meta = runner.meta
+    return {
+        "head_only": False,
+        "backbone": meta["backbone"],
+        "backbone_weights": meta["backbone_weights"],
+        "num_features": meta["num_features"],
+        "dropout": runner.head.dropout.p,
+        "classes": meta["classes"],
+        "image_size": meta["image_size"],
+        "input_config": meta["input_config"],
+        "k": run.k,
+        "trial": chosen.slot,
+        "study": name,
+        "trial_run_id": run.run_id,
+        "hyperparameters": chosen.params,
+    }
+
+
+def record_outcome(s: optuna.Study, ranked: list[selection.Candidate], chosen: TrainedRun,
+                   decision: selection.ShipDecision) -> dict:
+    """DVC metrics and plots, the selection record, and the same in the finetune MLflow run."""
+    best = study.best_trial(s)
+    # trials by slot: what an unbroken study holds. Killed attempts (FAIL, retried under a new
+    # number) are counted in MLflow and the log line, not in DVC's metrics, which must come out
+    # the same whether or not the study was interrupted.
+    finished = sorted(((study.logical_number(s, t.number), t) for t in s.get_trials(deepcopy=False)
+                       if t.state in (TrialState.COMPLETE, TrialState.PRUNED)), key=lambda pair: pair[0])
+    states = [t.state for _, t in finished]
+    summary = {
+        "best_val_accuracy": best.value,  # the study's best single trial
+        "best_k": best.params["k"],
+        "best_trial": study.logical_number(s, best.number),
+        "trials_complete": states.count(TrialState.COMPLETE),
+        "trials_pruned": states.count(TrialState.PRUNED),
+        "chosen_trial": ranked[0].slot,  # the best configuration by mean over seeds
+        "chosen_k": chosen.k,
+        "chosen_mean_val_accuracy": ranked[0].mean_val_accuracy,
+        "finetuned_val_accuracy": decision.finetuned_val_accuracy,
+        "head_only_val_accuracy": decision.head_only_val_accuracy,
+        "ship_p_value": decision.p_value,
+        "ships_finetuned": int(decision.shipped == selection.FINETUNED),
+    }
+    record = {**asdict(decision), "chosen_run_id": chosen.run_id,
+              "candidates": [{"trial": c.slot, **c.params, "val_accuracies": c.val_accuracies,
+                              "mean_val_accuracy": c.mean_val_accuracy} for c in ranked]}
+    tracking.log_params({f"best.{k}": v for k, v in best.params.items()})
+    tracking.log_metrics({**summary, "trials_failed": count(s, TrialState.FAIL)})
+    tracking.set_tags({"best_trial_run_id": best.user_attrs["mlflow_run_id"], "shipped": decision.shipped})
+    tracking.log_dict(record, "selection.json")
+    log_study_plots(s)
+    write_json(paths.stage_metrics("finetune"), summary)
+    write_json(paths.SELECTION, record)
+    write_json(paths.PLOTS_DIR / "finetune_trials.json", [
+        {"trial": slot, "state": t.state.name, "value": t.value, **t.params} for slot, t in finished
+    ])
+    return summary
 
 
 def main(params: Params, workers: int | None = None, params_path: Path = paths.PARAMS) -> None:
     name = study.study_name(params, holdout.data_hash(), study.inputs_digest())
-    workers = workers or params.finetune.workers
     logged = tracking.flatten("finetune", vars(params.finetune))
     with tracking.stage_run("finetune", params.mlflow.experiment, logged, tags={"optuna_study": name}) as mlrun:
         runner = TrialRunner(params, mlrun.info.run_id)
         s = open_study(params, name)
-        helpers = spawn_workers(workers - 1, params_path, mlrun.info.run_id) if workers > 1 else []
-        try:
-            work(params, runner, s)
-        finally:
-            codes = [p.wait() for p in helpers]
-        if any(codes):
-            raise PipelineError(f"finetune: {sum(c != 0 for c in codes)} worker process(es) failed — see above")
-        best = study.best_trial(s)
-        best_slot = study.logical_number(s, best.number)
-        model = assemble_best(runner, best)
-        meta = runner.meta
-        config = {
-            "head_only": False,
-            "backbone": meta["backbone"],
-            "backbone_weights": meta["backbone_weights"],
-            "num_features": meta["num_features"],
-            "dropout": runner.head.dropout.p,
-            "classes": meta["classes"],
-            "image_size": meta["image_size"],
-            "input_config": meta["input_config"],
-            "k": best.params["k"],
-            "trial": best_slot,
-            "study": name,
-            "trial_run_id": best.user_attrs["mlflow_run_id"],
-            "hyperparameters": best.params,
-        }
-        save_checkpoint(paths.FINETUNED_DIR, model.state_dict(), config)
-        # trials by slot: what an unbroken study holds. Killed attempts (FAIL, retried under a new
-        # number) are counted in MLflow and the log line, not in DVC's metrics, which must come out
-        # the same whether or not the study was interrupted.
-        finished = sorted(((study.logical_number(s, t.number), t) for t in s.get_trials(deepcopy=False)
-                           if t.state in (TrialState.COMPLETE, TrialState.PRUNED)), key=lambda pair: pair[0])
-        states = [t.state for _, t in finished]
-        failed = count(s, TrialState.FAIL)
-        summary = {
-            "best_val_accuracy": best.value,
-            "best_k": best.params["k"],
-            "best_trial": best_slot,
-            "trials_complete": states.count(TrialState.COMPLETE),
-            "trials_pruned": states.count(TrialState.PRUNED),
-        }
-        tracking.log_params({f"best.{k}": v for k, v in best.params.items()})
-        tracking.log_metrics({"best_val_accuracy": best.value, "best_k": best.params["k"],
-                              "trials_complete": summary["trials_complete"],
-                              "trials_pruned": summary["trials_pruned"], "trials_failed": failed})
-        tracking.set_tags({"best_trial_run_id": best.user_attrs["mlflow_run_id"]})
-        log_study_plots(s)
-        write_json(paths.stage_metrics("finetune"), summary)
-        write_json(paths.PLOTS_DIR / "finetune_trials.json", [
-            {"trial": slot, "state": t.state.name, "value": t.value, **t.params} for slot, t in finished
-        ])
+        run_study(params, runner, s, workers or params.finetune.workers, params_path)
+        ranked, chosen, decision = select(params, runner, s)
+        save_checkpoint(paths.FINETUNED_DIR, assemble(runner, chosen).state_dict(),
+                        checkpoint_config(runner, name, ranked[0], chosen))
+        summary = record_outcome(s, ranked, chosen, decision)
         tracking.record_run("finetune", mlrun.info.run_id)
     say(
-        f"finetune: study {name}: best trial {best_slot} (k={best.params['k']}) val accuracy "
-        f"{best.value:.4f}; {summary['trials_complete']} complete, {summary['trials_pruned']} pruned, "
-        f"{failed} failed/retried"
+        f"finetune: study {name}: best trial {summary['best_trial']} (k={summary['best_k']}) val accuracy "
+        f"{summary['best_val_accuracy']:.4f}; {summary['trials_complete']} complete, "
+        f"{summary['trials_pruned']} pruned, {count(s, TrialState.FAIL)} failed/retried\n"
+        f"finetune: chosen trial {summary['chosen_trial']} (k={summary['chosen_k']}), mean val accuracy "
+        f"{summary['chosen_mean_val_accuracy']:.4f} over {len(ranked[0].val_accuracies)} seed(s)\n"
+        f"finetune: ships {decision.shipped} — {decision.reason}"
     )

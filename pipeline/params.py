@@ -79,6 +79,9 @@ class FinetuneParams:
     workers: int
     cache: bool
     compile: bool
+    rescore_top: int
+    rescore_seeds: int
+    ship_significance: float
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,10 @@ def _check_ranges(p: Params) -> None:
     require(f.precision in _PRECISIONS, "finetune.precision", f"must be one of {_PRECISIONS}",
             f.precision)
     require(f.workers >= 1, "finetune.workers", "must be 1 or more", f.workers)
+    require(f.rescore_top >= 1, "finetune.rescore_top", "must be 1 or more", f.rescore_top)
+    require(f.rescore_seeds >= 1, "finetune.rescore_seeds", "must be 1 or more", f.rescore_seeds)
+    require(0 < f.ship_significance < 1, "finetune.ship_significance", "must be between 0 and 1",
+            f.ship_significance)
     v = p.evaluate
     require(v.batch_size >= 1, "evaluate.batch_size", "must be positive", v.batch_size)
     require(0 < v.significance < 1, "evaluate.significance", "must be between 0 and 1", v.significance)

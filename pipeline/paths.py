@@ -34,6 +34,7 @@ PLOTS_DIR = Path("plots")
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
+SELECTION = METRICS_DIR / "selection.json"  # finetune: the chosen configuration and which model ships
 DECISION = METRICS_DIR / "decision.json"  # the gate's decision for the evaluated model, with evidence
 PROMOTION_LOG = METRICS_DIR / "promotions.jsonl"  # append-only: every gate decision and its evidence
 RUNS_DIR = METRICS_DIR / "runs"  # MLflow run id per stage; kept out of outputs that are deps

@@ -8,7 +8,9 @@ confusion matrices, training curves, the Optuna study, the misclassified images,
 
 from __future__ import annotations
 
+import contextlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -84,12 +86,37 @@ def run_link(run_id: str | None, experiment_id: str | None) -> str:
     return f"`{run_id}`"
 
 
+def store_name(uri: str) -> str:
+    """The tracking store as a reader can use it: a local store relative to the project, never
+    this machine's absolute path (a server URL as is)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        path = Path(uri.removeprefix(prefix))
+        with contextlib.suppress(ValueError):
+            return prefix + path.relative_to(paths.home_root()).as_posix()
+    return uri
+
+
+def shipping_section(selection: dict) -> list[str]:
+    """Which model was registered for deployment and why, decided on validation data only."""
+    lines = ["## Which model ships (decided on the validation split)", "",
+             f"**{selection['shipped'].replace('_', '-')}**: {selection['reason']}. "
+             f"{selection['n']} validation images; only the fine-tuned model right on "
+             f"{selection['only_finetuned_right']}, only the head-only model on "
+             f"{selection['only_head_only_right']}. The fine-tuned candidate is the study configuration "
+             "with the best mean validation accuracy over fresh seeds:", ""]
+    rows = [[c["trial"], c["k"], ", ".join(fmt(v) for v in c["val_accuracies"]), fmt(c["mean_val_accuracy"])]
+            for c in selection["candidates"]]
+    return lines + table(["trial", "k", "val accuracy per seed", "mean"], rows) + [""]
+
+
 def build(params: Params) -> tuple[str, str | None]:
     """Write the images and return (markdown, evaluate run id)."""
     evaluation = read_json(paths.stage_metrics("evaluate"))
     per_class = read_json(paths.METRICS_DIR / "per_class.json")
     decision = read_json(paths.DECISION)
     finetune = read_json(paths.stage_metrics("finetune"))
+    selection = read_json(paths.SELECTION)
     config = read_json(paths.FINETUNED_DIR / paths.CONFIG_FILE)
     classes = config["classes"]
     test, pixels = holdout.load()
@@ -103,15 +130,18 @@ def build(params: Params) -> tuple[str, str | None]:
 
     lines += ["## Test results (same test images for every model)", ""]
     champion = evaluation.get("champion")
+    ships_head = selection["shipped"] == "head_only"
     rows = [
-        ["head-only (frozen backbone, linear head)", fmt(evaluation["head_only"]["accuracy"]),
-         fmt(evaluation["head_only"]["macro_f1"])],
-        [f"fine-tuned, top {config['k']} block(s) unfrozen — **{model}**",
+        ["head-only (frozen backbone, linear head)" + (f" — **{model}**" if ships_head else ""),
+         fmt(evaluation["head_only"]["accuracy"]), fmt(evaluation["head_only"]["macro_f1"])],
+        [f"fine-tuned, top {config['k']} block(s) unfrozen" + ("" if ships_head else f" — **{model}**"),
          fmt(evaluation["finetuned"]["accuracy"]), fmt(evaluation["finetuned"]["macro_f1"])],
         [f"champion v{champion['version']} (before this run)", fmt(champion["accuracy"]),
          fmt(champion["macro_f1"])] if champion else ["champion (before this run)", "none", "—"],
     ]
     lines += table(["model", "accuracy", "macro-F1"], rows) + [""]
+
+    lines += shipping_section(selection)
 
     verdict = "**promoted to champion**" if decision["promote"] else "**kept as challenger** (champion unchanged)"
     lines += ["## Promotion decision", "", f"{model} {verdict}: {decision['reason']}.", ""]
@@ -169,7 +199,7 @@ def build(params: Params) -> tuple[str, str | None]:
     experiment_id = experiment.experiment_id if experiment else None
     stages = ("prepare", "extract", "train_head", "finetune", "evaluate")
     lines += ["## MLflow", "", f"Registered model `models:/{decision['model']}/{decision['version']}`; "
-              f"tracking store `{tracking.tracking_uri()}`.", ""]
+              f"tracking store `{store_name(tracking.tracking_uri())}`.", ""]
     lines += table(["run", "MLflow run id"],
                    [[f"stage {s}", run_link(tracking.recorded_run(s), experiment_id)] for s in stages]
                    + [[f"best trial {config['trial']}", run_link(config.get("trial_run_id"), experiment_id)]])

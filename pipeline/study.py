@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 import optuna
 from optuna.trial import TrialState
 
-from pipeline import __version__, interrupts
+from pipeline import interrupts
+from pipeline.code_digest import code_digest
 from pipeline.params import Params
 from pipeline.paths import FEATURES_DIR, HEAD_DIR, mlruns_dir
 
@@ -170,7 +171,8 @@ def study_name(params: Params, data_hash: str, inputs_hash: str) -> str:
         },
         "train_head": asdict(params.train_head),
         "seed": params.seed,
-        "code": __version__,
+        # the source of everything a trial runs: new code never reuses stale trials
+        "code": code_digest("finetune"),
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     return f"finetune-{params.backbone.name}-{digest}"
@@ -189,12 +191,20 @@ def make_pruner(params: Params) -> optuna.pruners.BasePruner:
 def make_sampler(params: Params, slot: int = 0, worker: int = 0) -> optuna.samplers.BaseSampler:
     """TPE seeded by the trial slot it will fill (see next_slot), so a study resumed after a kill
     draws the same parameters as an unbroken one; parallel workers get distinct seeds. Random
-    start-up trials: half the study, 1 to 4 (studies here are small)."""
+    start-up trials: half the study, 1 to 4 (studies here are small).
+
+    The first max_unfreeze + 1 slots each try another k, deepest first, so no depth goes
+    untried because the random start-up happened to miss it (how deep to fine-tune matters more
+    than any learning rate); their learning rates are still drawn at random.
+    """
     seed = (params.seed + slot + 100_003 * worker) % 2**32  # NumPy seeds are 32-bit
     startup = max(1, min(4, params.finetune.n_trials // 2))
     with warnings.catch_warnings():  # multivariate TPE is "experimental" since Optuna 2.2
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
+        tpe = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
+        if slot > params.finetune.max_unfreeze:
+            return tpe
+        return optuna.samplers.PartialFixedSampler({"k": params.finetune.max_unfreeze - slot}, tpe)
 
 
 def _takes_a_slot(t: optuna.trial.FrozenTrial) -> bool:
@@ -221,6 +231,17 @@ def best_trial(s: optuna.Study) -> optuna.trial.FrozenTrial:
     if not complete:
         raise ValueError("no complete trial")
     return max(complete, key=lambda t: (t.value, -logical_number(s, t.number)))
+
+
+def top_trials(s: optuna.Study, n: int) -> list[optuna.trial.FrozenTrial]:
+    """The n best COMPLETE trials, best first; ties go to the earlier slot."""
+    complete = s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return sorted(complete, key=lambda t: (-t.value, logical_number(s, t.number)))[:n]
+
+
+def config_of(trial: optuna.trial.FrozenTrial, params: Params) -> TrialConfig:
+    """The TrialConfig a finished trial trained with (the same mapping as when it ran)."""
+    return suggest(optuna.trial.FixedTrial(trial.params), params)
 
 
 def suggest(trial: optuna.Trial, params: Params) -> TrialConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -12,6 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import yaml
@@ -57,8 +59,8 @@ def mlflow_statuses(project: Path) -> Counter:
 
 @pytest.mark.fault
 def test_sigkill_at_random_points_then_resume(trained_head, tmp_path):
-    """SIGKILL finetune 5 times at random moments; the next run ends with exactly N complete
-    trials, none RUNNING in Optuna, none RUNNING in MLflow."""
+    """SIGKILL finetune 5 times at random moments; the next run ends with exactly N finished
+    (complete or pruned) trials, none RUNNING in Optuna, none RUNNING in MLflow."""
     n = 4
     project = copy_project(trained_head, tmp_path / "p", {"n_trials": n, "epochs": 3})
     rng = random.Random(1234)
@@ -71,7 +73,7 @@ def test_sigkill_at_random_points_then_resume(trained_head, tmp_path):
         process.wait()
     run(command, project)
     states = study_states(project)
-    assert states["COMPLETE"] == n
+    assert states["COMPLETE"] + states["PRUNED"] == n
     assert states["RUNNING"] == 0
     assert mlflow_statuses(project)["RUNNING"] == 0
 
@@ -87,7 +89,7 @@ def test_four_workers_start_together_on_a_new_store(trained_head, tmp_path):
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0, 0, 0], "\n".join(outputs)[-4000:]
     states = study_states(project)
-    assert states["COMPLETE"] == n and states["RUNNING"] == 0
+    assert states["COMPLETE"] + states["PRUNED"] == n and states["RUNNING"] == 0
     assert mlflow_statuses(project)["RUNNING"] == 0
 
 
@@ -116,7 +118,7 @@ def test_two_workers_share_a_postgres_study(trained_head, tmp_path):
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n".join(outputs)[-4000:]
     states = study_states(project, storage)
-    assert states["COMPLETE"] == n and states["RUNNING"] == 0
+    assert states["COMPLETE"] + states["PRUNED"] == n and states["RUNNING"] == 0
 
 
 @pytest.mark.slow
@@ -246,3 +248,40 @@ def _trial_running(project: Path) -> bool:
             return bool(connection.execute("select count(*) from trials where state = 'RUNNING'").fetchone()[0])
     except sqlite3.Error:
         return False
+
+
+@pytest.mark.slow
+def test_a_finetuned_model_worse_on_validation_is_not_registered_for_deployment(trained_head, tmp_path,
+                                                                                monkeypatch):
+    """Learning rates that wreck the pretrained blocks: the fine-tuned candidate loses to the
+    head-only model on validation, so finetune ships the head-only model and evaluate registers
+    it — chosen before the test split is looked at."""
+    from mlflow import MlflowClient
+
+    from pipeline.registry import download_checkpoint
+    from pipeline.serving import ImageClassifier
+
+    project = copy_project(trained_head, tmp_path / "project", {
+        "head_lr": [3.0, 3.0], "backbone_lr_ratio": [1.0, 1.0], "rescore_top": 1,
+    })
+    run([DVC, "repro", "evaluate"], project)
+    selection = json.loads((project / "metrics/selection.json").read_text())
+    assert selection["finetuned_val_accuracy"] < selection["head_only_val_accuracy"]
+    assert selection["shipped"] == "head_only"
+    evaluate = json.loads((project / "metrics/evaluate.json").read_text())
+    assert evaluate["shipped"] == {"model": "head_only", **evaluate["head_only"]}
+
+    uri = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    (version,) = client.search_model_versions("name = 'tiny-classifier'")
+    assert version.tags["shipped"] == "head_only" and version.tags["optuna_trial"] == ""
+    # the registered weights are the head-only model's, self-contained (no backbone download)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    local = download_checkpoint(version, tmp_path / "registered")
+    assert json.loads((local / "model.json").read_text())["head_only"] is False
+    pixels = np.load(project / "data/prepared/images.npy")[:8]
+    registered = ImageClassifier(local).probabilities(pixels)
+    head_only = ImageClassifier(project / "models/head").probabilities(pixels)
+    finetuned = ImageClassifier(project / "models/finetuned").probabilities(pixels)
+    np.testing.assert_allclose(registered, head_only, atol=1e-5)
+    assert not np.allclose(registered, finetuned, atol=1e-3)
