@@ -5,6 +5,7 @@ Nothing is ever unpickled: weights are safetensors, the description is JSON.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.atomic import atomic_path, write_json
 from pipeline.backbones import build_backbone
-from pipeline.engine import Classifier
+from pipeline.engine import Classifier, EnsembleClassifier, TopModel
 from pipeline.errors import PipelineError
 from pipeline.heads import Head
 from pipeline.paths import CONFIG_FILE, WEIGHTS_FILE
@@ -63,8 +64,8 @@ def load_head(directory: Path) -> tuple[Head, dict]:
     return head, config
 
 
-def load_classifier(directory: Path) -> tuple[Classifier, dict]:
-    """Rebuild the assembled model (backbone + head) described by a checkpoint folder.
+def load_classifier(directory: Path) -> tuple[Classifier | EnsembleClassifier, dict]:
+    """Rebuild the assembled model (backbone + head, or an ensemble) described by a checkpoint folder.
 
     A head-only checkpoint ('head_only': true) stores just the head; its backbone is rebuilt
     from the weights source named in the config.
@@ -72,6 +73,12 @@ def load_classifier(directory: Path) -> tuple[Classifier, dict]:
     config = read_config(directory)
     state = read_weights(directory)
     head = Head(config["num_features"], len(config["classes"]), config.get("dropout", 0.0))
+    if config.get("members"):  # an ensemble of fine-tuned top models on one frozen bottom
+        backbone = build_backbone(config["backbone"], "none")
+        top = TopModel.top_of(backbone, head, config["k"])
+        model = EnsembleClassifier(backbone, [copy.deepcopy(top) for _ in config["members"]])
+        model.load_state_dict(state)
+        return model.eval(), config
     if config.get("head_only"):
         head.load_state_dict(state)
         return Classifier(build_backbone(config["backbone"], config["backbone_weights"]), head).eval(), config

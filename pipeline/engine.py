@@ -52,6 +52,27 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
+class EnsembleClassifier(nn.Module):
+    """The frozen bottom of the backbone, run once, feeding M independently fine-tuned copies of
+    the top k blocks + head; the output is the log of the members' mean probabilities, so a
+    softmax of it is that mean. Averaging seeds removes most of what one seed's luck adds."""
+
+    def __init__(self, backbone: Backbone, members: list[TopModel]):
+        super().__init__()
+        if not members or len({m.k for m in members}) != 1:
+            raise ValueError("an ensemble needs members that all train the same top k blocks")
+        self.backbone = backbone  # its top k blocks are the pretrained ones, unused here
+        self.members = nn.ModuleList(members)
+        self.k = members[0].k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) → (B, classes)
+        cut = self.backbone.forward_blocks(x, 0, len(self.backbone.blocks) - self.k)
+        if self.k == 0:
+            cut = Backbone.pool(cut)  # (B, D) pooled features
+        probabilities = torch.stack([torch.softmax(m(cut).float(), dim=1) for m in self.members])
+        return probabilities.mean(dim=0).log()
+
+
 @dataclass
 class EpochResult:
     epoch: int

@@ -35,7 +35,7 @@ from pipeline.backbones import build_backbone
 from pipeline.bn_folding import folded_copy
 from pipeline.checkpoints import load_head, save_checkpoint
 from pipeline.devices import seed_everything, select_runtime
-from pipeline.engine import Classifier, EpochResult, TopModel, predict_logits, train
+from pipeline.engine import EnsembleClassifier, EpochResult, TopModel, predict_logits, train
 from pipeline.errors import PipelineError
 from pipeline.freezing import freeze_all_but_top, param_groups
 from pipeline.params import Params
@@ -90,11 +90,13 @@ class TrialRunner:
         trial.set_user_attr("mlflow_run_id", child.info.run_id)
         log = tracking.RunLog(child.info.run_id)  # params, curves, outcome: written in one batch
         log.log_params({**vars(cfg), "trial_number": trial.number})
+        start = time.perf_counter()
         try:
             value = self._train(trial, cfg, slot, log)
-        except optuna.TrialPruned:
+        except optuna.TrialPruned as pruned:
             log.set_tags({"optuna_state": "PRUNED"})
             self._end(log, "KILLED")
+            say(f"finetune: trial {slot} (k={cfg.k}) {pruned} ({time.perf_counter() - start:.1f} s)")
             raise
         except KeyboardInterrupt:  # ^C, or SIGTERM (errors.Terminated)
             self._end(log, "KILLED")
@@ -105,6 +107,8 @@ class TrialRunner:
             raise
         log.set_tags({"optuna_state": "COMPLETE"})
         self._end(log, "FINISHED")
+        # one line per trial, TTY or not: a CI log shows the study moving
+        say(f"finetune: trial {slot} (k={cfg.k}) val accuracy {value:.4f} ({time.perf_counter() - start:.1f} s)")
         return value
 
     @staticmethod
@@ -138,11 +142,14 @@ class TrialRunner:
         )
         return model.eval(), history
 
-    def val_correct(self, model: TopModel, k: int) -> np.ndarray:
-        """(N_val,) bool: which validation images the model classifies correctly."""
+    def val_probabilities(self, model: TopModel, k: int) -> np.ndarray:
+        """(N_val, classes) softmax probabilities of a top model on the validation split."""
         source = self.sources(k, self.params.seed)[1]
         logits = predict_logits(model, source, self.params.finetune.batch_size * 2, self.runtime)
-        return (logits.argmax(1) == source.labels).numpy()
+        return torch.softmax(logits, dim=1).numpy()
+
+    def val_labels(self) -> np.ndarray:
+        return features.labels("val")
 
     def _train(self, trial: optuna.Trial, cfg: study.TrialConfig, slot: int, log: tracking.RunLog) -> float:
         def on_epoch(result: EpochResult) -> bool:
@@ -174,25 +181,34 @@ class TrialRunner:
         status = "FAILED"
         try:
             model, _ = self.fit(cfg, seed, lambda result: log.log_curve([result]) or False)
-            correct = self.val_correct(model, cfg.k)
-            log.log_metrics({"val_accuracy": float(correct.mean())})
+            trained = TrainedRun(cfg.k, model.state_dict(), self.val_probabilities(model, cfg.k),
+                                 self.val_labels(), child.info.run_id, seed)
+            log.log_metrics({"val_accuracy": trained.val_accuracy})
             status = "FINISHED"
+            say(f"finetune: re-score of trial {slot} (k={cfg.k}) with seed {seed}: "
+                f"val accuracy {trained.val_accuracy:.4f}")
         except KeyboardInterrupt:  # ^C, or SIGTERM (errors.Terminated)
             status = "KILLED"
             raise
         finally:
             self._end(log, status)
-        return TrainedRun(cfg.k, model.state_dict(), correct, child.info.run_id)
+        return trained
 
 
 @dataclass
 class TrainedRun:
-    """A trained top model (k blocks + head) and how it did on each validation image."""
+    """A trained top model (k blocks + head) and what it predicts for each validation image."""
 
     k: int
     state: dict[str, torch.Tensor]
-    val_correct: np.ndarray
+    val_probabilities: np.ndarray  # (N_val, classes)
+    val_labels: np.ndarray
     run_id: str
+    seed: int
+
+    @property
+    def val_accuracy(self) -> float:
+        return float((self.val_probabilities.argmax(1) == self.val_labels).mean())
 
 
 RESCORE_SEED_STRIDE = 1000  # re-scoring seeds stay clear of the study's seeds (seed + slot)
@@ -205,38 +221,40 @@ def log_weights(state: dict[str, torch.Tensor]) -> None:
         tracking.log_artifact(str(path))
 
 
-def trial_run(runner: TrialRunner, trial: optuna.trial.FrozenTrial) -> TrainedRun:
+def trial_run(runner: TrialRunner, trial: optuna.trial.FrozenTrial, slot: int) -> TrainedRun:
     """A COMPLETE trial's own weights (from its MLflow run, any worker's) and validation results."""
     k = trial.params["k"]
     model = runner.model_for(k)
     with tempfile.TemporaryDirectory() as tmp:
         local = tracking.download_artifact(trial.user_attrs["mlflow_run_id"], TRIAL_WEIGHTS, tmp)
         model.load_state_dict(load_file(local))
-    return TrainedRun(k, model.state_dict(), runner.val_correct(model, k), trial.user_attrs["mlflow_run_id"])
+    return TrainedRun(k, model.state_dict(), runner.val_probabilities(model, k), runner.val_labels(),
+                      trial.user_attrs["mlflow_run_id"], runner.params.seed + slot)
 
 
 def select(params: Params, runner: TrialRunner, s: optuna.Study):
     """Re-score the study's top configurations over fresh seeds, keep the best by mean validation
-    accuracy, and decide on validation whether it ships instead of the head-only model.
+    accuracy, ensemble its seeds, and decide on validation whether that ships instead of the
+    head-only model.
 
-    Returns (ranked candidates, the chosen run, the shipping decision).
+    Returns (ranked candidates, the chosen configuration's runs, the shipping decision).
     """
     f = params.finetune
     candidates, runs = [], {}
     for trial in study.top_trials(s, f.rescore_top):
         slot = study.logical_number(s, trial.number)
         cfg = study.config_of(trial, params)
-        trained = [trial_run(runner, trial)]
+        trained = [trial_run(runner, trial, slot)]
         trained += [runner.rescore(cfg, slot, repeat) for repeat in range(1, f.rescore_seeds)]
         runs[slot] = trained
-        candidates.append(selection.Candidate(slot, dict(trial.params),
-                                              [float(r.val_correct.mean()) for r in trained]))
+        candidates.append(selection.Candidate(slot, dict(trial.params), [r.val_accuracy for r in trained]))
     ranked = selection.rank(candidates)
-    # of the chosen configuration's seeds, the best on validation (the first on ties)
-    chosen = max(runs[ranked[0].slot], key=lambda r: r.val_correct.mean())
-    head_correct = runner.val_correct(TopModel(runner.head), 0)
-    decision = selection.decide_shipping(chosen.val_correct, head_correct, f.ship_significance)
-    return ranked, chosen, decision
+    members = runs[ranked[0].slot]
+    labels = runner.val_labels()
+    ensemble_correct = np.mean([r.val_probabilities for r in members], axis=0).argmax(1) == labels
+    head_correct = runner.val_probabilities(TopModel(runner.head), 0).argmax(1) == labels
+    decision = selection.decide_shipping(ensemble_correct, head_correct, f.ship_significance)
+    return ranked, members, decision
 
 
 def open_study(params: Params, name: str) -> optuna.Study:
@@ -351,15 +369,15 @@ def worker_main(params: Params, parent_run_id: str | None) -> None:
     say(f"worker: ran {ran} trial(s) of study {name}")
 
 
-def assemble(runner: TrialRunner, run: TrainedRun) -> Classifier:
-    """The full model: the pretrained backbone with the run's trained top k blocks and head."""
-    top = runner.model_for(run.k).cpu()
-    top.load_state_dict(run.state)
-    backbone = copy.deepcopy(runner.backbone)
-    n = len(backbone.blocks)
-    for j, block in enumerate(top.blocks):
-        backbone.blocks[n - run.k + j] = block
-    return Classifier(backbone, top.head).eval()
+def assemble(runner: TrialRunner, members: list[TrainedRun]) -> EnsembleClassifier:
+    """The full model: the pretrained backbone's frozen bottom feeding every member's top k
+    blocks and head (the same k: one configuration, several seeds)."""
+    tops = []
+    for run in members:
+        top = runner.model_for(run.k).cpu()
+        top.load_state_dict(run.state)
+        tops.append(top)
+    return EnsembleClassifier(copy.deepcopy(runner.backbone), tops).eval()
 
 
 def run_study(params: Params, runner: TrialRunner, s: optuna.Study, workers: int, params_path: Path) -> None:
@@ -373,7 +391,8 @@ def run_study(params: Params, runner: TrialRunner, s: optuna.Study, workers: int
         raise PipelineError(f"finetune: {sum(c != 0 for c in codes)} worker process(es) failed — see above")
 
 
-def checkpoint_config(runner: TrialRunner, name: str, chosen: selection.Candidate, run: TrainedRun) -> dict:
+def checkpoint_config(runner: TrialRunner, name: str, chosen: selection.Candidate,
+                      members: list[TrainedRun]) -> dict:
     meta = runner.meta
     return {
         "head_only": False,
@@ -384,15 +403,16 @@ def checkpoint_config(runner: TrialRunner, name: str, chosen: selection.Candidat
         "classes": meta["classes"],
         "image_size": meta["image_size"],
         "input_config": meta["input_config"],
-        "k": run.k,
+        "k": members[0].k,
         "trial": chosen.slot,
         "study": name,
-        "trial_run_id": run.run_id,
+        "trial_run_id": members[0].run_id,  # the trial's own run; the others are tagged on finetune's
         "hyperparameters": chosen.params,
+        "members": [{"seed": r.seed, "val_accuracy": r.val_accuracy} for r in members],
     }
 
 
-def record_outcome(s: optuna.Study, ranked: list[selection.Candidate], chosen: TrainedRun,
+def record_outcome(s: optuna.Study, ranked: list[selection.Candidate], members: list[TrainedRun],
                    decision: selection.ShipDecision) -> dict:
     """DVC metrics and plots, the selection record, and the same in the finetune MLflow run."""
     best = study.best_trial(s)
@@ -400,7 +420,7 @@ def record_outcome(s: optuna.Study, ranked: list[selection.Candidate], chosen: T
     # number) are counted in MLflow and the log line, not in DVC's metrics, which must come out
     # the same whether or not the study was interrupted.
     finished = sorted(((study.logical_number(s, t.number), t) for t in s.get_trials(deepcopy=False)
-                       if t.state in (TrialState.COMPLETE, TrialState.PRUNED)), key=lambda pair: pair[0])
+                       if t.state in FINISHED), key=lambda pair: pair[0])
     states = [t.state for _, t in finished]
     summary = {
         "best_val_accuracy": best.value,  # the study's best single trial
@@ -409,19 +429,22 @@ def record_outcome(s: optuna.Study, ranked: list[selection.Candidate], chosen: T
         "trials_complete": states.count(TrialState.COMPLETE),
         "trials_pruned": states.count(TrialState.PRUNED),
         "chosen_trial": ranked[0].slot,  # the best configuration by mean over seeds
-        "chosen_k": chosen.k,
+        "chosen_k": members[0].k,
         "chosen_mean_val_accuracy": ranked[0].mean_val_accuracy,
+        "ensemble_size": len(members),
         "finetuned_val_accuracy": decision.finetuned_val_accuracy,
         "head_only_val_accuracy": decision.head_only_val_accuracy,
         "ship_p_value": decision.p_value,
         "ships_finetuned": int(decision.shipped == selection.FINETUNED),
     }
-    record = {**asdict(decision), "chosen_run_id": chosen.run_id,
+    # no run ids here: a DVC output must come out the same from two clean runs
+    record = {**asdict(decision),
               "candidates": [{"trial": c.slot, **c.params, "val_accuracies": c.val_accuracies,
                               "mean_val_accuracy": c.mean_val_accuracy} for c in ranked]}
     tracking.log_params({f"best.{k}": v for k, v in best.params.items()})
     tracking.log_metrics({**summary, "trials_failed": count(s, TrialState.FAIL)})
-    tracking.set_tags({"best_trial_run_id": best.user_attrs["mlflow_run_id"], "shipped": decision.shipped})
+    tracking.set_tags({"best_trial_run_id": best.user_attrs["mlflow_run_id"], "shipped": decision.shipped,
+                       "member_run_ids": ",".join(r.run_id for r in members)})
     tracking.log_dict(record, "selection.json")
     log_study_plots(s)
     write_json(paths.stage_metrics("finetune"), summary)
@@ -439,16 +462,16 @@ def main(params: Params, workers: int | None = None, params_path: Path = paths.P
         runner = TrialRunner(params, mlrun.info.run_id)
         s = open_study(params, name)
         run_study(params, runner, s, workers or params.finetune.workers, params_path)
-        ranked, chosen, decision = select(params, runner, s)
-        save_checkpoint(paths.FINETUNED_DIR, assemble(runner, chosen).state_dict(),
-                        checkpoint_config(runner, name, ranked[0], chosen))
-        summary = record_outcome(s, ranked, chosen, decision)
+        ranked, members, decision = select(params, runner, s)
+        save_checkpoint(paths.FINETUNED_DIR, assemble(runner, members).state_dict(),
+                        checkpoint_config(runner, name, ranked[0], members))
+        summary = record_outcome(s, ranked, members, decision)
         tracking.record_run("finetune", mlrun.info.run_id)
     say(
         f"finetune: study {name}: best trial {summary['best_trial']} (k={summary['best_k']}) val accuracy "
         f"{summary['best_val_accuracy']:.4f}; {summary['trials_complete']} complete, "
         f"{summary['trials_pruned']} pruned, {count(s, TrialState.FAIL)} failed/retried\n"
         f"finetune: chosen trial {summary['chosen_trial']} (k={summary['chosen_k']}), mean val accuracy "
-        f"{summary['chosen_mean_val_accuracy']:.4f} over {len(ranked[0].val_accuracies)} seed(s)\n"
+        f"{summary['chosen_mean_val_accuracy']:.4f} over {len(members)} seed(s), shipped as their ensemble\n"
         f"finetune: ships {decision.shipped} — {decision.reason}"
     )

@@ -22,6 +22,7 @@ from pipeline.params import Params
 from pipeline.progress import say
 
 CURVE_KEYS = ("train_loss", "val_loss", "val_accuracy")
+SHIPPED_NAMES = {"finetuned": "fine-tuned", "head_only": "head-only"}
 
 
 def read_json(path):
@@ -100,7 +101,7 @@ def store_name(uri: str) -> str:
 def shipping_section(selection: dict) -> list[str]:
     """Which model was registered for deployment and why, decided on validation data only."""
     lines = ["## Which model ships (decided on the validation split)", "",
-             f"**{selection['shipped'].replace('_', '-')}**: {selection['reason']}. "
+             f"**The {SHIPPED_NAMES[selection['shipped']]} model ships**: {selection['reason']}. "
              f"{selection['n']} validation images; only the fine-tuned model right on "
              f"{selection['only_finetuned_right']}, only the head-only model on "
              f"{selection['only_head_only_right']}. The fine-tuned candidate is the study configuration "

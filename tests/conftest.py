@@ -23,8 +23,10 @@ TINY = {
                "image_size": 64},
     "extract": {"batch_size": 32, "views": 2, "cache_blocks": 2},
     "train_head": {"epochs": 6, "patience": 3},
+    # ~14 validation images cannot make a McNemar test significant: ship the fine-tuned model
+    # whenever it is right on more of them (p < 0.6 <=> b > c), so the tests exercise it
     "finetune": {"n_trials": 2, "epochs": 2, "max_unfreeze": 2, "batch_size": 16, "workers": 1,
-                 "pruner_warmup_epochs": 1},
+                 "pruner_warmup_epochs": 1, "ship_significance": 0.6},
     "evaluate": {"model_name": "tiny-classifier"},
 }
 

@@ -258,6 +258,7 @@ def test_a_finetuned_model_worse_on_validation_is_not_registered_for_deployment(
     it — chosen before the test split is looked at."""
     from mlflow import MlflowClient
 
+    from pipeline import tracking
     from pipeline.registry import download_checkpoint
     from pipeline.serving import ImageClassifier
 
@@ -277,6 +278,7 @@ def test_a_finetuned_model_worse_on_validation_is_not_registered_for_deployment(
     assert version.tags["shipped"] == "head_only" and version.tags["optuna_trial"] == ""
     # the registered weights are the head-only model's, self-contained (no backbone download)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracking.setup_uri()  # mlflow's global URIs: an earlier test in this process may have set them
     local = download_checkpoint(version, tmp_path / "registered")
     assert json.loads((local / "model.json").read_text())["head_only"] is False
     pixels = np.load(project / "data/prepared/images.npy")[:8]
