@@ -40,3 +40,40 @@ def test_training_sees_every_cached_view_of_every_item_once_per_views_epochs():
     # views epochs: each (item, view) exactly once; then the same walk again
     assert Counter(first) == Counter({(i, v): 1 for i in range(n) for v in range(views)})
     assert Counter(second) == Counter(first)
+
+
+def test_an_ensemble_checkpoint_predicts_its_members_mean_probabilities(tmp_path):
+    """The shipped fine-tuned model: M seeds' top blocks on one frozen bottom. Saved and loaded
+    as a checkpoint, it returns what averaging its members' probabilities by hand gives."""
+    import copy
+
+    from pipeline.backbones import build_backbone
+    from pipeline.checkpoints import load_classifier, save_checkpoint
+    from pipeline.engine import EnsembleClassifier, TopModel
+    from pipeline.heads import Head
+
+    torch.manual_seed(0)
+    backbone = build_backbone("tf_efficientnet_lite0", "none").eval()
+    k, classes = 2, 3
+    members = []
+    for _ in range(2):
+        top = copy.deepcopy(TopModel.top_of(backbone, Head(backbone.num_features, classes, 0.0), k))
+        with torch.no_grad():
+            for p in top.parameters():
+                p.add_(0.05 * torch.randn_like(p))  # members differ, as seeds would make them
+        members.append(top.eval())
+    ensemble = EnsembleClassifier(copy.deepcopy(backbone), members).eval()
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        cut = backbone.forward_blocks(x, 0, len(backbone.blocks) - k)
+        by_hand = torch.stack([torch.softmax(m(cut), dim=1) for m in members]).mean(0)
+        assert torch.allclose(torch.softmax(ensemble(x), dim=1), by_hand, atol=1e-6)
+        assert not torch.allclose(torch.softmax(members[0](cut), dim=1), by_hand, atol=1e-4)
+
+    config = {"backbone": "tf_efficientnet_lite0", "backbone_weights": "none", "num_features": backbone.num_features,
+              "dropout": 0.0, "classes": ["a", "b", "c"], "image_size": 64, "input_config": {}, "k": k,
+              "members": [{"seed": 1}, {"seed": 2}]}
+    save_checkpoint(tmp_path, ensemble.state_dict(), config)
+    loaded, _ = load_classifier(tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(torch.softmax(loaded(x), dim=1), by_hand, atol=1e-6)
