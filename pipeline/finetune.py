@@ -182,7 +182,7 @@ class TrialRunner:
         try:
             model, _ = self.fit(cfg, seed, lambda result: log.log_curve([result]) or False)
             trained = TrainedRun(cfg.k, model.state_dict(), self.val_probabilities(model, cfg.k),
-                                 self.val_labels(), child.info.run_id, seed)
+                                 self.val_labels(), child.info.run_id, seed, slot)
             log.log_metrics({"val_accuracy": trained.val_accuracy})
             status = "FINISHED"
             say(f"finetune: re-score of trial {slot} (k={cfg.k}) with seed {seed}: "
@@ -205,6 +205,7 @@ class TrainedRun:
     val_labels: np.ndarray
     run_id: str
     seed: int
+    trial: int  # the study slot whose configuration it trained
 
     @property
     def val_accuracy(self) -> float:
@@ -229,15 +230,15 @@ def trial_run(runner: TrialRunner, trial: optuna.trial.FrozenTrial, slot: int) -
         local = tracking.download_artifact(trial.user_attrs["mlflow_run_id"], TRIAL_WEIGHTS, tmp)
         model.load_state_dict(load_file(local))
     return TrainedRun(k, model.state_dict(), runner.val_probabilities(model, k), runner.val_labels(),
-                      trial.user_attrs["mlflow_run_id"], runner.params.seed + slot)
+                      trial.user_attrs["mlflow_run_id"], runner.params.seed + slot, slot)
 
 
 def select(params: Params, runner: TrialRunner, s: optuna.Study):
-    """Re-score the study's top configurations over fresh seeds, keep the best by mean validation
-    accuracy, ensemble its seeds, and decide on validation whether that ships instead of the
-    head-only model.
+    """Re-score the study's top configurations over fresh seeds, rank them by mean validation
+    accuracy, ensemble every run of those validation cannot tell from the best, and decide on
+    validation whether that ships instead of the head-only model.
 
-    Returns (ranked candidates, the chosen configuration's runs, the shipping decision).
+    Returns (ranked candidates, the ensemble's runs, the shipping decision).
     """
     f = params.finetune
     candidates, runs = [], {}
@@ -248,9 +249,10 @@ def select(params: Params, runner: TrialRunner, s: optuna.Study):
         trained += [runner.rescore(cfg, slot, repeat) for repeat in range(1, f.rescore_seeds)]
         runs[slot] = trained
         candidates.append(selection.Candidate(slot, dict(trial.params), [r.val_accuracy for r in trained]))
-    ranked = selection.rank(candidates)
-    members = runs[ranked[0].slot]
     labels = runner.val_labels()
+    ranked = selection.rank(candidates)
+    ensembled = selection.indistinguishable_from_best(ranked, len(labels))
+    members = [run for candidate in ensembled for run in runs[candidate.slot]]
     ensemble_correct = np.mean([r.val_probabilities for r in members], axis=0).argmax(1) == labels
     head_correct = runner.val_probabilities(TopModel(runner.head), 0).argmax(1) == labels
     decision = selection.decide_shipping(ensemble_correct, head_correct, f.ship_significance)
@@ -408,7 +410,7 @@ def checkpoint_config(runner: TrialRunner, name: str, chosen: selection.Candidat
         "study": name,
         "trial_run_id": members[0].run_id,  # the trial's own run; the others are tagged on finetune's
         "hyperparameters": chosen.params,
-        "members": [{"seed": r.seed, "val_accuracy": r.val_accuracy} for r in members],
+        "members": [{"trial": r.trial, "seed": r.seed, "val_accuracy": r.val_accuracy} for r in members],
     }
 
 
@@ -432,13 +434,14 @@ def record_outcome(s: optuna.Study, ranked: list[selection.Candidate], members: 
         "chosen_k": members[0].k,
         "chosen_mean_val_accuracy": ranked[0].mean_val_accuracy,
         "ensemble_size": len(members),
+        "ensemble_configurations": len({r.trial for r in members}),
         "finetuned_val_accuracy": decision.finetuned_val_accuracy,
         "head_only_val_accuracy": decision.head_only_val_accuracy,
         "ship_p_value": decision.p_value,
         "ships_finetuned": int(decision.shipped == selection.FINETUNED),
     }
     # no run ids here: a DVC output must come out the same from two clean runs
-    record = {**asdict(decision),
+    record = {**asdict(decision), "ensembled_trials": sorted({r.trial for r in members}),
               "candidates": [{"trial": c.slot, **c.params, "val_accuracies": c.val_accuracies,
                               "mean_val_accuracy": c.mean_val_accuracy} for c in ranked]}
     tracking.log_params({f"best.{k}": v for k, v in best.params.items()})
@@ -472,6 +475,7 @@ def main(params: Params, workers: int | None = None, params_path: Path = paths.P
         f"{summary['best_val_accuracy']:.4f}; {summary['trials_complete']} complete, "
         f"{summary['trials_pruned']} pruned, {count(s, TrialState.FAIL)} failed/retried\n"
         f"finetune: chosen trial {summary['chosen_trial']} (k={summary['chosen_k']}), mean val accuracy "
-        f"{summary['chosen_mean_val_accuracy']:.4f} over {len(members)} seed(s), shipped as their ensemble\n"
+        f"{summary['chosen_mean_val_accuracy']:.4f}; ships an ensemble of {len(members)} run(s) of "
+        f"{summary['ensemble_configurations']} configuration(s) validation cannot tell apart\n"
         f"finetune: ships {decision.shipped} — {decision.reason}"
     )

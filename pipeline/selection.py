@@ -2,7 +2,8 @@
 
 A study's best trial is the maximum of ~10 noisy scores on a small validation split: a lucky
 seed as often as a good configuration. So the top few configurations are trained again with
-fresh seeds and ranked by their *mean* validation accuracy, and the fine-tuned model must then
+fresh seeds and ranked by their *mean* validation accuracy; those validation cannot tell apart
+from the best ship together as an ensemble, and the fine-tuned model must then
 beat the head-only model (feature extraction, the baseline the pipeline already has) on the
 same validation images by a one-sided exact McNemar test — or the head-only model ships.
 Nothing here sees the test split: evaluate only reports on it.
@@ -36,6 +37,17 @@ class Candidate:
 def rank(candidates: list[Candidate]) -> list[Candidate]:
     """Best mean validation accuracy first; ties go to the earlier trial."""
     return sorted(candidates, key=lambda c: (-c.mean_val_accuracy, c.slot))
+
+
+def indistinguishable_from_best(ranked: list[Candidate], n_val: int) -> list[Candidate]:
+    """The ranked candidates that train the best one's k and whose mean validation accuracy is
+    within one binomial standard error of the best's: validation cannot tell them apart, so
+    they all go into the shipped ensemble rather than letting float noise pick one of them."""
+    best = ranked[0]
+    p = best.mean_val_accuracy
+    tolerance = float(np.sqrt(p * (1 - p) / n_val)) if n_val else 0.0
+    return [c for c in ranked
+            if c.params["k"] == best.params["k"] and best.mean_val_accuracy - c.mean_val_accuracy <= tolerance]
 
 
 @dataclass(frozen=True)
