@@ -104,11 +104,13 @@ def shipping_section(selection: dict) -> list[str]:
              f"**The {SHIPPED_NAMES[selection['shipped']]} model ships**: {selection['reason']}. "
              f"{selection['n']} validation images; only the fine-tuned model right on "
              f"{selection['only_finetuned_right']}, only the head-only model on "
-             f"{selection['only_head_only_right']}. The fine-tuned candidate is the study configuration "
-             "with the best mean validation accuracy over fresh seeds:", ""]
-    rows = [[c["trial"], c["k"], ", ".join(fmt(v) for v in c["val_accuracies"]), fmt(c["mean_val_accuracy"])]
-            for c in selection["candidates"]]
-    return lines + table(["trial", "k", "val accuracy per seed", "mean"], rows) + [""]
+             f"{selection['only_head_only_right']}. The fine-tuned model is the ensemble of every run of the "
+             "configurations whose mean validation accuracy over fresh seeds is within one standard "
+             "error of the best:", ""]
+    ensembled = set(selection["ensembled_trials"])
+    rows = [[c["trial"], c["k"], ", ".join(fmt(v) for v in c["val_accuracies"]), fmt(c["mean_val_accuracy"]),
+             "yes" if c["trial"] in ensembled else "no"] for c in selection["candidates"]]
+    return lines + table(["trial", "k", "val accuracy per seed", "mean", "in the ensemble"], rows) + [""]
 
 
 def build(params: Params) -> tuple[str, str | None]:
@@ -135,7 +137,8 @@ def build(params: Params) -> tuple[str, str | None]:
     rows = [
         ["head-only (frozen backbone, linear head)" + (f" — **{model}**" if ships_head else ""),
          fmt(evaluation["head_only"]["accuracy"]), fmt(evaluation["head_only"]["macro_f1"])],
-        [f"fine-tuned, top {config['k']} block(s) unfrozen" + ("" if ships_head else f" — **{model}**"),
+        [f"fine-tuned, top {config['k']} block(s) unfrozen, ensemble of {len(config.get('members', [1]))}"
+         + ("" if ships_head else f" — **{model}**"),
          fmt(evaluation["finetuned"]["accuracy"]), fmt(evaluation["finetuned"]["macro_f1"])],
         [f"champion v{champion['version']} (before this run)", fmt(champion["accuracy"]),
          fmt(champion["macro_f1"])] if champion else ["champion (before this run)", "none", "—"],

@@ -34,3 +34,17 @@ def test_candidates_rank_by_mean_over_seeds_not_by_one_lucky_run():
     middle = Candidate(slot=5, params={"k": 2}, val_accuracies=[0.75, 0.8125])
     assert [c.slot for c in rank([lucky, middle, steady])] == [steady.slot, middle.slot, lucky.slot]
     assert [c.slot for c in rank([Candidate(7, {}, [0.8]), Candidate(2, {}, [0.8])])] == [2, 7]
+
+
+def test_configurations_validation_cannot_tell_apart_are_ensembled_not_coin_tossed():
+    from pipeline.selection import indistinguishable_from_best
+
+    best = Candidate(slot=5, params={"k": 3}, val_accuracies=[0.872, 0.838])  # mean 0.855
+    tie = Candidate(slot=7, params={"k": 3}, val_accuracies=[0.851, 0.858])  # 0.0003 behind
+    other_depth = Candidate(slot=2, params={"k": 2}, val_accuracies=[0.85, 0.85])  # another cut: cannot join
+    clearly_worse = Candidate(slot=0, params={"k": 3}, val_accuracies=[0.80, 0.79])  # > 1 SE (0.029) behind
+    ranked = rank([clearly_worse, other_depth, tie, best])
+    assert [c.slot for c in indistinguishable_from_best(ranked, n_val=148)] == [5, 7]
+    # noise that flips the tie yields the same ensemble
+    flipped = rank([Candidate(5, {"k": 3}, [0.845, 0.838]), Candidate(7, {"k": 3}, [0.851, 0.858])])
+    assert sorted(c.slot for c in indistinguishable_from_best(flipped, n_val=148)) == [5, 7]
