@@ -51,10 +51,10 @@ def perturb_features(source: Path, target: Path, seed: int) -> None:
     rng = np.random.default_rng(seed)
     target.mkdir(parents=True)
     for path in sorted(source.iterdir()):
-        if path.suffix == ".npy" and np.load(path, mmap_mode="r").dtype.kind == "f":
-            array = np.load(path).astype(np.float32)
+        array = np.load(path) if path.suffix == ".npy" else None
+        if array is not None and array.dtype.kind == "f":
             noise = rng.uniform(-BF16_RELATIVE_NOISE, BF16_RELATIVE_NOISE, array.shape).astype(np.float32)
-            np.save(target / path.name, (array * (1 + noise)).astype(np.load(path, mmap_mode="r").dtype))
+            np.save(target / path.name, (array.astype(np.float32) * (1 + noise)).astype(array.dtype))
         else:
             shutil.copy2(path, target / path.name)
 
