@@ -102,11 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in TRACKED:
         # before the stage's own imports, so the import of MLflow is counted as tracking overhead
-        importlib.import_module("pipeline.tracking")
+        importlib.import_module("pipeline.tracking.store")
     try:
         if args.command == "finetune":
-            from pipeline.finetune import main as finetune_main
             from pipeline.params import load_params
+            from pipeline.stages.finetune import main as finetune_main
 
             if args.workers is not None and args.workers < 1:
                 raise PipelineError("--workers must be 1 or more")
@@ -115,33 +115,33 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.params import load_params
 
             params = load_params(args.params)
-            importlib.import_module(f"pipeline.{args.command}").main(params)
+            importlib.import_module(f"pipeline.stages.{args.command}").main(params)
         elif args.command == "worker":
-            from pipeline.finetune import worker_main
             from pipeline.params import load_params
+            from pipeline.stages.finetune import worker_main
 
             worker_main(load_params(args.params), args.parent_run_id)
         elif args.command == "bench":
-            from pipeline.bench import main as bench_main
             from pipeline.params import load_params
+            from pipeline.tools.bench import main as bench_main
 
             bench_main(load_params(args.params), args.k, args.epochs, args.trials, args.compile, args.studies)
         elif args.command == "stability":
-            from pipeline.stability import main as stability_main
+            from pipeline.tools.stability import main as stability_main
 
             stability_main(args.seeds, args.noise, args.keep)
         elif args.command == "retrain":
-            from pipeline.retrain import main as retrain_main
+            from pipeline.tools.retrain import main as retrain_main
 
             retrain_main(args.remote, args.pull, args.push, args.summary)
         elif args.command == "lineage":
-            from pipeline.lineage import describe
             from pipeline.params import load_params
+            from pipeline.tracking.lineage import describe
 
             name = args.model_name or load_params(args.params).evaluate.model_name
             print(describe(name, args.version))
         elif args.command == "predict":
-            from pipeline.predict import main as predict_main
+            from pipeline.serving.predict import main as predict_main
 
             predict_main(args.model, args.paths, args.output)
     except PipelineError as exc:

@@ -4,7 +4,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pipeline.backbones import (
+from pipeline.devices import Runtime
+from pipeline.errors import PipelineError
+from pipeline.model.backbones import (
     _SPLITTERS,
     REGISTRY,
     Backbone,
@@ -13,12 +15,9 @@ from pipeline.backbones import (
     normalize,
     spec_for,
 )
-from pipeline.bn_folding import folded_copy
-from pipeline.devices import Runtime
-from pipeline.engine import Classifier, TopModel
-from pipeline.errors import PipelineError
-from pipeline.extract import forward_with_cuts
-from pipeline.heads import Head
+from pipeline.model.bn_folding import folded_copy
+from pipeline.model.features import forward_with_cuts
+from pipeline.model.heads import Classifier, Head, TopModel
 
 OFFLINE = [n for n, s in REGISTRY.items() if s.offline_package is None or "lite0" in n]
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from pipeline.devices import Runtime
-from pipeline.engine import ArraySource, TopModel, train
-from pipeline.heads import Head
+from pipeline.model.engine import ArraySource, train
+from pipeline.model.heads import Head, TopModel
 
 
 def learnable(n: int, seed: int) -> ArraySource:

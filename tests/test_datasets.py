@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.datasets import check_class_sizes, scan_source, split_of, validate_files
+from pipeline.data.datasets import check_class_sizes, scan_source, split_of, validate_files
+from pipeline.data.images import UnusableImage, content_hash, decode_image
 from pipeline.errors import PipelineError
-from pipeline.images import UnusableImage, content_hash, decode_image
 
 pytestmark = pytest.mark.fault  # bad input: part of the fault suite
 

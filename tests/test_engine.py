@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from pipeline.devices import Runtime
-from pipeline.engine import ArraySource, epoch_view_order, train
+from pipeline.model.engine import ArraySource, epoch_view_order, train
 
 
 class RecordingSource(ArraySource):
@@ -47,10 +47,9 @@ def test_an_ensemble_checkpoint_predicts_its_members_mean_probabilities(tmp_path
     as a checkpoint, it returns what averaging its members' probabilities by hand gives."""
     import copy
 
-    from pipeline.backbones import build_backbone
-    from pipeline.checkpoints import load_classifier, save_checkpoint
-    from pipeline.engine import EnsembleClassifier, TopModel
-    from pipeline.heads import Head
+    from pipeline.model.backbones import build_backbone
+    from pipeline.model.checkpoints import load_classifier, save_checkpoint
+    from pipeline.model.heads import EnsembleClassifier, Head, TopModel
 
     torch.manual_seed(0)
     backbone = build_backbone("tf_efficientnet_lite0", "none").eval()

@@ -1,7 +1,7 @@
 import pytest
 from torch import nn
 
-from pipeline.freezing import freeze_all_but_top, param_groups
+from pipeline.model.freezing import freeze_all_but_top, param_groups
 
 
 def blocks() -> nn.ModuleList:

@@ -1,6 +1,6 @@
 import numpy as np
 
-from pipeline.metrics import classification_report, confusion_matrix
+from pipeline.model.metrics import classification_report, confusion_matrix
 
 
 def test_confusion_and_report():

@@ -20,7 +20,7 @@ import pytest
 from conftest import BIN, project_env, run
 from PIL import Image
 
-from pipeline.gate import decide, mcnemar_exact_p
+from pipeline.tracking.gate import decide, mcnemar_exact_p
 
 DVC = str(BIN / "dvc")
 MODEL = "tiny-classifier"
@@ -147,7 +147,7 @@ def test_mlflow_models_serve_answers_a_png(registered):
     assert prediction["label"] in ("circle", "square", "triangle")
     assert abs(sum(champion_probs) - 1) < 1e-4
     # the tiny model is weak, so compare with what the same model says in-process
-    from pipeline.serving import ImageClassifier
+    from pipeline.serving.classifier import ImageClassifier
 
     local = ImageClassifier(registered / "models/finetuned").predict([path.read_bytes()])
     assert prediction["label"] == local.label[0]
@@ -185,9 +185,9 @@ class Exploit:
 
 
 def test_pickles_where_weights_belong_never_run(tmp_path):
-    from pipeline.backbones import build_backbone
-    from pipeline.checkpoints import load_classifier
     from pipeline.errors import PipelineError
+    from pipeline.model.backbones import build_backbone
+    from pipeline.model.checkpoints import load_classifier
 
     marker = tmp_path / "marker"
     payload = pickle.dumps(Exploit(marker))

@@ -46,8 +46,8 @@ def test_workflow_passes_actionlint(tmp_path):
 def add_images(images: Path, params_file: Path, seed: int, only: str | None = None, prefix: str = "") -> int:
     """Real PNGs from the shapes generator (another seed gives other pictures)."""
     sys.path.insert(0, str(ROOT))
+    from pipeline.data.shapes import generate
     from pipeline.params import load_params
-    from pipeline.shapes import generate
 
     staging = images.parent / f".staging-{seed}"
     generate(load_params(params_file).shapes, seed, staging)

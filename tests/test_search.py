@@ -19,6 +19,8 @@ import pytest
 import yaml
 from conftest import BIN, make_project, project_env, run
 
+from pipeline.search import trials
+
 DVC = str(BIN / "dvc")
 
 
@@ -126,15 +128,16 @@ def test_pruned_and_failed_trials_in_mlflow(trained_head, tmp_path, monkeypatch)
     """A pruned trial ends KILLED with pruned_at_epoch; a failed one FAILED with the error."""
     import mlflow
 
-    from pipeline import finetune, tracking
     from pipeline.params import load_params
+    from pipeline.stages import finetune
+    from pipeline.tracking import store
 
     project = copy_project(trained_head, tmp_path / "p", {"n_trials": 1, "epochs": 2})
     monkeypatch.chdir(project)
     params = load_params(project / "params.yaml")
-    tracking.setup("transfer-pipeline")
+    store.setup("transfer-pipeline")
     with mlflow.start_run(run_name="finetune") as parent:
-        runner = finetune.TrialRunner(params, parent.info.run_id)
+        runner = trials.TrialRunner(params, parent.info.run_id)
         always_prune = optuna.pruners.ThresholdPruner(lower=2.0)  # accuracy < 2: always pruned
         s = optuna.create_study(pruner=always_prune, direction="maximize")
         with pytest.raises(optuna.TrialPruned):
@@ -143,7 +146,7 @@ def test_pruned_and_failed_trials_in_mlflow(trained_head, tmp_path, monkeypatch)
         monkeypatch.setattr(finetune.features, "source", lambda *a: 1 / 0)
         with pytest.raises(ZeroDivisionError):
             runner.run_trial(broken)
-    client = tracking.client()
+    client = store.client()
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_trial = {r.data.tags["optuna_trial"]: r for r in children}
@@ -196,10 +199,10 @@ def test_live_fallback_feeds_the_same_inputs_and_trains(trained_head, tmp_path, 
     augmentation on val), and a study completes on it."""
     import numpy as np
 
-    from pipeline import features
-    from pipeline.backbones import build_backbone
-    from pipeline.bn_folding import folded_copy
     from pipeline.devices import select_runtime
+    from pipeline.model import features
+    from pipeline.model.backbones import build_backbone
+    from pipeline.model.bn_folding import folded_copy
 
     project = copy_project(trained_head, tmp_path / "p", {"cache": False, "n_trials": 1, "epochs": 1})
     monkeypatch.chdir(project)
@@ -258,9 +261,9 @@ def test_a_finetuned_model_worse_on_validation_is_not_registered_for_deployment(
     it — chosen before the test split is looked at."""
     from mlflow import MlflowClient
 
-    from pipeline import tracking
-    from pipeline.registry import download_checkpoint
-    from pipeline.serving import ImageClassifier
+    from pipeline.serving.classifier import ImageClassifier
+    from pipeline.tracking import store
+    from pipeline.tracking.registry import download_checkpoint
 
     project = copy_project(trained_head, tmp_path / "project", {
         "head_lr": [3.0, 3.0], "backbone_lr_ratio": [1.0, 1.0], "rescore_top": 1,
@@ -278,7 +281,7 @@ def test_a_finetuned_model_worse_on_validation_is_not_registered_for_deployment(
     assert version.tags["shipped"] == "head_only" and version.tags["optuna_trial"] == ""
     # the registered weights are the head-only model's, self-contained (no backbone download)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    tracking.setup_uri()  # mlflow's global URIs: an earlier test in this process may have set them
+    store.setup_uri()  # mlflow's global URIs: an earlier test in this process may have set them
     local = download_checkpoint(version, tmp_path / "registered")
     assert json.loads((local / "model.json").read_text())["head_only"] is False
     pixels = np.load(project / "data/prepared/images.npy")[:8]

@@ -4,8 +4,8 @@ the head-only baseline there."""
 import numpy as np
 import pytest
 
-from pipeline.gate import mcnemar_exact_p
-from pipeline.selection import FINETUNED, HEAD_ONLY, Candidate, decide_shipping, rank
+from pipeline.search.selection import FINETUNED, HEAD_ONLY, Candidate, decide_shipping, rank
+from pipeline.tracking.gate import mcnemar_exact_p
 
 
 def correct(n_right: int, n: int = 148) -> np.ndarray:
@@ -37,7 +37,7 @@ def test_candidates_rank_by_mean_over_seeds_not_by_one_lucky_run():
 
 
 def test_configurations_validation_cannot_tell_apart_are_ensembled_not_coin_tossed():
-    from pipeline.selection import indistinguishable_from_best
+    from pipeline.search.selection import indistinguishable_from_best
 
     best = Candidate(slot=5, params={"k": 3}, val_accuracies=[0.872, 0.838])  # mean 0.855
     tie = Candidate(slot=7, params={"k": 3}, val_accuracies=[0.851, 0.858])  # 0.0003 behind

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from pipeline.stability import BF16_RELATIVE_NOISE, Outcome, perturb_features, verdict
+from pipeline.tools.stability import BF16_RELATIVE_NOISE, Outcome, perturb_features, verdict
 
 
 def test_perturbed_features_carry_bf16_sized_relative_noise_and_nothing_else(tmp_path):

@@ -5,8 +5,9 @@ import shutil
 
 from conftest import ROOT
 
-from pipeline import code_digest, study
+from pipeline import code_digest
 from pipeline.params import load_params
+from pipeline.search import study
 
 
 def study_name_with_package(monkeypatch, package) -> str:
@@ -20,11 +21,11 @@ def test_editing_a_module_of_the_trial_path_starts_a_new_study(tmp_path, monkeyp
     before = study_name_with_package(monkeypatch, package)
     assert study_name_with_package(monkeypatch, package) == before  # deterministic
 
-    report = package / "report.py"  # not on the trial path: same study
+    report = package / "stages" / "report.py"  # not on the trial path: same study
     report.write_text(report.read_text() + "\n# a comment\n")
     assert study_name_with_package(monkeypatch, package) == before
 
-    assert "engine" in code_digest.imported_modules("finetune")
-    engine = package / "engine.py"  # the train loop every trial runs
+    assert "model/engine.py" in code_digest.imported_modules("stages.finetune")
+    engine = package / "model" / "engine.py"  # the train loop every trial runs
     engine.write_text(engine.read_text().replace("label_smoothing=label_smoothing", "label_smoothing=0.0"))
     assert study_name_with_package(monkeypatch, package) != before

@@ -24,18 +24,18 @@ def last_line_printed_by(script: str, project) -> str:
 SIGTERM_INSIDE_A_STORE_CALL = """
 import os, signal, sqlalchemy
 from mlflow.tracking._tracking_service.utils import _get_store
-from pipeline import tracking
+from pipeline.tracking import store
 from pipeline.errors import Terminated
 
 try:
-    with tracking.stage_run("probe", "sigterm-probe", {}):
+    with runs.stage_run("probe", "sigterm-probe", {}):
         deliver = lambda *args: os.kill(os.getpid(), signal.SIGTERM)
         sqlalchemy.event.listen(_get_store().engine, "before_cursor_execute", deliver, once=True)
-        tracking.log_metrics({"loss": 1.0})
+        logs.log_metrics({"loss": 1.0})
         raise SystemExit("SIGTERM was not delivered inside the store call")
 except Terminated:
     pass
-runs = tracking.client().search_runs([tracking.setup("sigterm-probe")])
+runs = store.client().search_runs([store.setup("sigterm-probe")])
 print([run.info.status for run in runs])
 """
 
@@ -51,14 +51,15 @@ def test_sigterm_inside_an_mlflow_store_call_ends_the_run_killed(tmp_path):
 SIGTERM_INSIDE_AN_OPTUNA_CALL = """
 import os, signal, sqlalchemy, optuna
 from optuna.trial import TrialState
-from pipeline import study, tracking
+from pipeline.search import study
+from pipeline.tracking import store
 from pipeline.errors import Terminated
 
-storage = study.make_storage(f"sqlite:///{os.getcwd()}/optuna.db")
+storage = storage.make_storage(f"sqlite:///{os.getcwd()}/optuna.db")
 s = optuna.create_study(storage=storage, study_name="probe")
 reached = []
 try:
-    with tracking.stage_run("probe", "sigterm-probe", {}):
+    with runs.stage_run("probe", "sigterm-probe", {}):
         trial = s.ask()
         try:
             deliver = lambda *args: os.kill(os.getpid(), signal.SIGTERM)
@@ -71,7 +72,7 @@ try:
 except Terminated:
     pass
 (frozen,) = s.trials
-runs = tracking.client().search_runs([tracking.setup("sigterm-probe")])
+runs = store.client().search_runs([store.setup("sigterm-probe")])
 print(reached, frozen.state.name, frozen.intermediate_values, [run.info.status for run in runs])
 """
 
@@ -85,7 +86,7 @@ def test_sigterm_inside_an_optuna_storage_call_lets_it_finish_then_stops(tmp_pat
 BIG_RUN_LOG = """
 from mlflow import MlflowClient
 from mlflow.utils.validation import _validate_batch_log_limits
-from pipeline import tracking
+from pipeline.tracking import store
 from pipeline.errors import Terminated
 
 unchecked = MlflowClient.log_batch
@@ -94,17 +95,17 @@ def checked(self, run_id, metrics=(), params=(), tags=(), **kwargs):
     return unchecked(self, run_id, metrics=metrics, params=params, tags=tags, **kwargs)
 MlflowClient.log_batch = checked
 
-with tracking.stage_run("probe", "runlog-probe", {}) as run:
-    log = tracking.RunLog(run.info.run_id, every=3600)
+with runs.stage_run("probe", "runlog-probe", {}) as run:
+    log = logs.RunLog(run.info.run_id, every=3600)
     log.log_params({f"p{i}": i for i in range(150)})
     log.set_tags({f"t{i}": i for i in range(120)})
     for step in range(1250):
         log.log_metrics({"a": step, "b": -step}, step=step)
-    before = tracking.client().get_run(run.info.run_id).data
+    before = store.client().get_run(run.info.run_id).data
     assert not before.metrics and "p0" not in before.params, "written before flush()"
     log.flush()
-data = tracking.client().get_run(run.info.run_id).data
-history = tracking.client().get_metric_history(run.info.run_id, "a")
+data = store.client().get_run(run.info.run_id).data
+history = store.client().get_metric_history(run.info.run_id, "a")
 print(len([k for k in data.params if k.startswith("p")]), len([k for k in data.tags if k.startswith("t")]),
       len(history), data.metrics["b"])
 """

@@ -11,9 +11,9 @@ import zlib
 import pytest
 from PIL import Image
 
-from pipeline.datasets import scan_source, validate_files
+from pipeline.data.datasets import scan_source, validate_files
+from pipeline.data.images import UnusableImage, decode_image
 from pipeline.errors import PipelineError
-from pipeline.images import UnusableImage, decode_image
 
 pytestmark = pytest.mark.fault
 SIZE = 32
@@ -122,7 +122,7 @@ def test_folder_zoo_every_file_accounted_for(tmp_path):
 
 
 def test_empty_class_folder_is_a_clear_error(tmp_path):
-    from pipeline.datasets import check_class_sizes
+    from pipeline.data.datasets import check_class_sizes
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -134,7 +134,7 @@ def test_unreachable_mlflow_fails_fast_and_clearly(monkeypatch):
     import socket
     import time
 
-    from pipeline import tracking
+    from pipeline.tracking import store
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -142,5 +142,5 @@ def test_unreachable_mlflow_fails_fast_and_clearly(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     started = time.monotonic()
     with pytest.raises(PipelineError, match="unreachable"):
-        tracking.setup("transfer-pipeline")
+        store.setup("transfer-pipeline")
     assert time.monotonic() - started < 30

@@ -1,0 +1,142 @@
+"""Train/eval loops: tensors (or memory-mapped arrays) in, numbers out. No files, MLflow or params."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.devices import Runtime, compiled
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+
+
+class ArraySource:
+    """Training inputs: an (N, V, ...) array (memmap fine); each epoch reads one view per item."""
+
+    def __init__(self, array: np.ndarray, labels: np.ndarray):
+        self.array = array
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def views(self) -> int:
+        return self.array.shape[1]
+
+    def batch(self, indices: np.ndarray, views: np.ndarray | None) -> torch.Tensor:
+        order = np.argsort(indices)  # sorted reads are sequential on a memmap
+        rows = indices[order]
+        picked = self.array[rows, views[order] if views is not None else 0]
+        out = torch.empty((len(indices), *picked.shape[1:]), dtype=torch.float32)
+        out[torch.as_tensor(order)] = torch.as_tensor(np.ascontiguousarray(picked)).float()
+        return out
+
+
+def epoch_view_order(rng: np.random.Generator, n: int, views: int) -> np.ndarray:
+    """(n, views): column e is the view each item trains on in epoch e (mod views).
+
+    Each item walks its own random permutation of its views, so in V epochs it sees each of
+    them once (view 0 plain, the rest augmented); drawing with replacement repeats some and
+    skips others.
+    """
+    return np.argsort(rng.random((n, views)), axis=1)
+
+
+def predict_logits(
+    model: nn.Module, source: ArraySource, batch_size: int, runtime: Runtime
+) -> torch.Tensor:
+    model.eval()
+    outputs = []
+    with torch.inference_mode(), runtime.autocast():
+        for start in range(0, len(source), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(source)))
+            outputs.append(model(runtime.to_input(source.batch(idx, None))).float().cpu())
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train: ArraySource,
+    val: ArraySource,
+    epochs: int,
+    batch_size: int,
+    runtime: Runtime,
+    seed: int,
+    label_smoothing: float = 0.0,
+    set_train_mode: Callable[[], None] | None = None,
+    on_epoch: Callable[[EpochResult], bool] | None = None,
+    compile_model: bool = False,
+) -> tuple[dict, list[EpochResult]]:
+    """Train, validate each epoch, keep the best-by-val-accuracy (then val-loss) weights.
+
+    set_train_mode re-applies the freezing policy (frozen parts stay in eval mode);
+    on_epoch returns True to stop early (patience, or an Optuna prune that raises);
+    compile_model runs the steps through torch.compile (the weights stay those of `model`).
+    """
+    forward = compiled(model, compile_model)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    rng = np.random.default_rng(seed)
+    views = train.views
+    view_cycle = epoch_view_order(rng, len(train), views)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    history: list[EpochResult] = []
+    best_key, best_state = None, None
+    for epoch in range(1, epochs + 1):
+        if set_train_mode is None:
+            model.train()
+        else:
+            set_train_mode()
+        order = rng.permutation(len(train))
+        chosen_views = view_cycle[:, (epoch - 1) % views]
+        total, seen = 0.0, 0
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            x = runtime.to_input(train.batch(idx, chosen_views[idx]))
+            y = train.labels[idx].to(runtime.device)
+            with runtime.autocast():
+                loss = loss_fn(forward(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+        scheduler.step()
+        logits = predict_logits(forward, val, batch_size * 2, runtime)
+        val_loss = nn.functional.cross_entropy(logits, val.labels).item()
+        val_acc = (logits.argmax(1) == val.labels).float().mean().item()
+        result = EpochResult(epoch, total / max(seen, 1), val_loss, val_acc)
+        history.append(result)
+        key = (val_acc, -val_loss)
+        if best_key is None or key > best_key:
+            best_key = key
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        if on_epoch is not None and on_epoch(result):
+            break
+    return best_state, history
+
+
+def patience_stopper(patience: int) -> Callable[[EpochResult], bool]:
+    """Stop when val loss has not improved for `patience` epochs ("to convergence")."""
+    state = {"best": float("inf"), "since": 0}
+
+    def should_stop(result: EpochResult) -> bool:
+        if result.val_loss < state["best"] - 1e-4:
+            state["best"], state["since"] = result.val_loss, 0
+        else:
+            state["since"] += 1
+        return state["since"] >= patience
+
+    return should_stop

@@ -1,0 +1,1 @@
+"""The review report: its markdown sections and figures."""

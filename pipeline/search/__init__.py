@@ -1,0 +1,1 @@
+"""The Optuna search: study identity, storage, sampler and pruner, the one trial loop, trials, selection, plots."""

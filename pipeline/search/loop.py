@@ -1,0 +1,125 @@
+"""The one ask/tell loop: any number of processes run trials of one study until it holds
+`finetune.n_trials` finished ones, each trial through an `objective(trial, slot)`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from pipeline import interrupts
+from pipeline.errors import PipelineError
+from pipeline.params import Params
+from pipeline.search import storage, study
+from pipeline.search.trials import TrialRunner
+from pipeline.tracking import store
+
+
+def open_study(params: Params, name: str) -> optuna.Study:
+    with store.store_lock():  # many workers may start on a new SQLite file at once
+        return optuna.create_study(
+            study_name=name, storage=storage.make_storage(), direction="maximize", load_if_exists=True,
+            sampler=study.make_sampler(params), pruner=study.make_pruner(params),
+        )
+
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards finetune.n_trials
+
+
+def count(s: optuna.Study, *states: TrialState) -> int:
+    return len(s.get_trials(deepcopy=False, states=states))
+
+
+def work(params: Params, runner: TrialRunner, s: optuna.Study, worker: int = 0) -> int:
+    """Run trials until the study holds n_trials finished (COMPLETE or PRUNED) ones, as Optuna's
+    own `optimize(n_trials=...)` counts them; returns how many this ran.
+
+    worker: 0 for the finetune stage itself, another number for each parallel worker, so that
+    workers asking at the same moment do not draw the same parameters.
+    Failed trials do not count (a killed one is retried). A pruned one does: the pruner exists to
+    save its cost, not to buy a replacement. A slot is claimed by asking for a trial and then
+    checking that it is among the first n finished-or-running ones, so workers that start
+    together never overshoot n.
+    """
+    n = params.finetune.n_trials
+    deadline = time.monotonic() + params.finetune.timeout_minutes * 60 if params.finetune.timeout_minutes else None
+    ran, attempts = 0, 0
+    while True:
+        storage.fail_stale_trials(s)
+        finished = count(s, *FINISHED)
+        if finished >= n or (deadline and time.monotonic() > deadline):
+            return ran
+        if finished + count(s, TrialState.RUNNING) >= n:
+            time.sleep(1.0)  # the last slots are in flight elsewhere; they may still fail
+            continue
+        attempts += 1
+        if attempts > 10 * n:
+            raise PipelineError(
+                f"finetune: {attempts - 1} trials started but the study still lacks {n - finished} finished "
+                "ones (all failed?) — check the trial runs in MLflow"
+            )
+        s.sampler = study.make_sampler(params, study.next_slot(s), worker)
+        trial = None
+        try:
+            # a SIGTERM during ask is held until the trial exists, so the handler below can fail it
+            with warnings.catch_warnings(), interrupts.store_call():
+                # our loop records the heartbeats that optimize() would
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+                trial = s.ask()
+                storage.claim(trial)
+            in_flight = sorted(t.number for t in s.get_trials(deepcopy=False,
+                                                              states=(*FINISHED, TrialState.RUNNING)))
+            if trial.number not in in_flight[:n]:  # another worker took the last slot this instant
+                trial.set_user_attr("surplus", True)
+                s.tell(trial, state=TrialState.FAIL)
+                continue
+            with storage.heartbeat(s, trial):
+                try:
+                    value = runner.run_trial(trial, study.logical_number(s, trial.number))
+                except optuna.TrialPruned:
+                    s.tell(trial, state=TrialState.PRUNED)
+                except Exception:
+                    s.tell(trial, state=TrialState.FAIL)
+                    raise
+                else:
+                    s.tell(trial, value)
+                    ran += 1
+        except KeyboardInterrupt:  # ^C, or SIGTERM (errors.Terminated), at any point of the trial
+            if trial is not None:
+                fail_and_retry(s, trial)
+            raise
+
+
+def fail_and_retry(s: optuna.Study, trial: optuna.Trial) -> None:
+    """An interrupted trial still RUNNING: FAIL, and retried like a killed one — its slot is
+    refilled, so a resumed study stays identical. One already told (the signal came after) stays."""
+    frozen = s.get_trials(deepcopy=False)[trial.number]
+    if frozen.state == TrialState.RUNNING:
+        s.tell(trial, state=TrialState.FAIL)
+        storage.close_and_retry(s, frozen)
+
+
+def spawn_workers(extra: int, params_path: Path, parent_run_id: str) -> list[subprocess.Popen]:
+    """Extra local worker processes on the same study, each with a share of the CPU threads."""
+    threads = max(1, (os.cpu_count() or 1) // (extra + 1))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PIPELINE_TORCH_THREADS": str(threads)}
+    command = [sys.executable, "-m", "pipeline", "--params", str(params_path), "worker",
+               "--parent-run-id", parent_run_id]
+    return [subprocess.Popen(command, env={**env, "PIPELINE_WORKER_ID": str(i)}) for i in range(1, extra + 1)]
+
+
+def run_study(params: Params, runner: TrialRunner, s: optuna.Study, workers: int, params_path: Path) -> None:
+    """This process and `workers - 1` local helpers run trials until the study is complete."""
+    helpers = spawn_workers(workers - 1, params_path, runner.parent_run_id) if workers > 1 else []
+    try:
+        work(params, runner, s)
+    finally:
+        codes = [p.wait() for p in helpers]
+    if any(codes):
+        raise PipelineError(f"finetune: {sum(c != 0 for c in codes)} worker process(es) failed — see above")

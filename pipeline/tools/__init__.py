@@ -1,0 +1,1 @@
+"""Commands beside the stage graph: bench, stability, retrain."""

@@ -1,0 +1,330 @@
+"""`python -m pipeline bench`: our fine-tuning path against the textbook loop, in one process.
+
+Naive baseline: decode the image files every epoch with torchvision transforms, run the whole
+network forward (frozen part under requires_grad=False), fp32, NCHW. Ours: decode once
+(prepare), one bf16/channels_last pass of the frozen backbone caching the activation at every
+cut point (extract), then trials that run only their unfrozen blocks on the cache.
+Same data, backbone, trial budget and seeds for both. Figures are measured here, never stored.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import psutil
+import torch
+from PIL import Image
+from torch import nn
+from torchvision import transforms
+
+from pipeline import paths
+from pipeline.devices import seed_everything, select_runtime
+from pipeline.model import features
+from pipeline.model.backbones import build_backbone
+from pipeline.model.bn_folding import folded_copy
+from pipeline.model.checkpoints import load_head
+from pipeline.model.engine import ArraySource, train
+from pipeline.model.features import extract_split
+from pipeline.model.freezing import freeze_all_but_top, param_groups
+from pipeline.model.heads import Classifier, Head, TopModel
+from pipeline.params import Params
+from pipeline.progress import say
+from pipeline.search import study
+
+
+class PeakMemory:
+    """Peak resident memory above the starting point while the block runs (sampled)."""
+
+    def __enter__(self):
+        self.process = psutil.Process()
+        self.start = self.peak = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.05)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+class FileDataset(torch.utils.data.Dataset):
+    """The textbook input pipeline: open and decode the file every time."""
+
+    def __init__(self, files: list[Path], labels: np.ndarray, transform):
+        self.files, self.labels, self.transform = files, labels, transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        with Image.open(self.files[i]) as image:
+            return self.transform(image.convert("RGB")), int(self.labels[i])
+
+
+@dataclass
+class Setup:
+    params: Params
+    manifest: pd.DataFrame
+    classes: list[str]
+    size: int
+
+
+def naive_transforms(size: int, input_config: dict, train_mode: bool):
+    normalize = transforms.Normalize(input_config["mean"], input_config["std"])
+    if train_mode:
+        return transforms.Compose([transforms.RandomResizedCrop(size, scale=(0.55, 1.0)),
+                                   transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
+    return transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
+                               normalize])
+
+
+def split_files(setup: Setup, split: str) -> tuple[list[Path], np.ndarray]:
+    rows = setup.manifest[setup.manifest.split == split]
+    root = Path(setup.params.data.source)
+    return [root / p for p in rows.path], rows.label_index.to_numpy()
+
+
+def naive_extraction(setup: Setup, backbone) -> float:
+    files, labels = split_files(setup, "train")
+    loader = torch.utils.data.DataLoader(
+        FileDataset(files, labels, naive_transforms(setup.size, backbone.input_config, False)),
+        batch_size=setup.params.extract.batch_size)
+    started = time.perf_counter()
+    with torch.no_grad():
+        for x, _ in loader:
+            backbone(x)
+    return len(files) / (time.perf_counter() - started)
+
+
+def naive_trial(setup: Setup, backbone, head: Head, config: study.TrialConfig, epochs: int, seed: int,
+                report=None) -> float:
+    """Full forward every step; the frozen part only has requires_grad=False."""
+    seed_everything(seed)
+    f = setup.params.finetune
+    model = Classifier(copy.deepcopy(backbone), copy.deepcopy(head))
+    freeze_all_but_top(model.backbone.blocks, config.k, f.bn_train)
+    optimizer = torch.optim.AdamW(param_groups(model.backbone.blocks, model.head, config.k, config.head_lr,
+                                               config.backbone_lr, config.layer_decay, config.weight_decay))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    train_files, train_labels = split_files(setup, "train")
+    val_files, val_labels = split_files(setup, "val")
+    generator = torch.Generator().manual_seed(seed)
+    train_loader = torch.utils.data.DataLoader(
+        FileDataset(train_files, train_labels, naive_transforms(setup.size, backbone.input_config, True)),
+        batch_size=f.batch_size, shuffle=True, generator=generator)
+    val_loader = torch.utils.data.DataLoader(
+        FileDataset(val_files, val_labels, naive_transforms(setup.size, backbone.input_config, False)),
+        batch_size=f.batch_size * 2)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=f.label_smoothing)
+    best = 0.0
+    for epoch in range(1, epochs + 1):
+        model.head.train()
+        freeze_all_but_top(model.backbone.blocks, config.k, f.bn_train)
+        for x, y in train_loader:
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for x, y in val_loader:
+                correct += int((model(x).argmax(1) == y).sum())
+        accuracy = correct / len(val_files)
+        best = max(best, accuracy)
+        if report is not None:
+            report(accuracy, epoch)
+    return best
+
+
+def cached_trial(setup: Setup, backbone, head: Head, cache_dir: Path, config: study.TrialConfig, epochs: int,
+                 seed: int, report=None) -> float:
+    seed_everything(seed)
+    f = setup.params.finetune
+    runtime = select_runtime(f.precision, training=True)
+    model = copy.deepcopy(TopModel.top_of(backbone, head, config.k)).to(memory_format=torch.channels_last)
+    freeze_all_but_top(model.blocks, config.k, f.bn_train)
+    optimizer = torch.optim.AdamW(param_groups(model.blocks, model.head, config.k, config.head_lr,
+                                               config.backbone_lr, config.layer_decay, config.weight_decay))
+
+    def load(split):
+        name = f"{split}_pooled.npy" if config.k == 0 else f"{split}_cut{config.k}.npy"
+        return ArraySource(np.load(cache_dir / name, mmap_mode="r"), np.load(cache_dir / f"{split}_labels.npy"))
+
+    def on_epoch(result):
+        if report is not None:
+            report(result.val_accuracy, result.epoch)
+        return False
+
+    def set_train_mode():
+        model.head.train()
+        freeze_all_but_top(model.blocks, config.k, f.bn_train)
+
+    _, history = train(model, optimizer, load("train"), load("val"), epochs=epochs, batch_size=f.batch_size,
+                       runtime=runtime, seed=seed, label_smoothing=f.label_smoothing,
+                       set_train_mode=set_train_mode, on_epoch=on_epoch, compile_model=f.compile)
+    return max(r.val_accuracy for r in history)
+
+
+def our_extraction(setup: Setup, backbone, cache_dir: Path, cache_blocks: int, train_views: int) -> float:
+    runtime = select_runtime(setup.params.extract.precision)
+    fast = folded_copy(backbone).to(memory_format=torch.channels_last)
+    images = np.load(paths.IMAGES, mmap_mode="r")
+    total = 0
+    started = time.perf_counter()
+    for i, split in enumerate(("train", "val")):
+        rows = features.rows(split)
+        views = train_views if split == "train" else 1
+        extract_split(fast, images, rows, views, cache_blocks, setup.params.extract.batch_size, runtime,
+                      setup.params.seed + i, cache_dir, split, _NoBar())
+        np.save(cache_dir / f"{split}_labels.npy", features.labels(split))
+        total += len(rows) * views
+    return total / (time.perf_counter() - started), runtime
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+
+def run_study(trial_fn, setup: Setup, n_trials: int) -> tuple[float, float]:
+    """A seeded study of n_trials with the configured sampler and pruner; (seconds, best value)."""
+    s = optuna.create_study(direction="maximize", sampler=study.make_sampler(setup.params),
+                            pruner=study.make_pruner(setup.params))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def objective(trial):
+        config = study.suggest(trial, setup.params)
+
+        def report(value, epoch):
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        return trial_fn(config, setup.params.seed + trial.number, report)
+
+    started = time.perf_counter()
+    s.optimize(objective, n_trials=n_trials)
+    return time.perf_counter() - started, s.best_value
+
+
+def starting_head(backbone, classes: list[str], seed: int) -> tuple[Head, str]:
+    """The head every trial starts from, on both paths: train_head's, as in finetune (LP-FT);
+    a seeded random one when train_head has not run for this backbone and classes."""
+    if (paths.HEAD_DIR / paths.CONFIG_FILE).is_file():
+        head, config = load_head(paths.HEAD_DIR)
+        if config["num_features"] == backbone.num_features and config["classes"] == classes:
+            return head, f"the trained head ({paths.HEAD_DIR})"
+    seed_everything(seed)
+    random_head = Head(backbone.num_features, len(classes), 0.2)
+    return random_head, "a random head (run `dvc repro train_head` for the trained one)"
+
+
+def main(params: Params, ks: list[int], epochs: int, n_trials: int, compile_model: bool = False,
+         studies: int = 1) -> None:
+    if compile_model:
+        params = replace(params, finetune=replace(params.finetune, compile=True))
+
+    manifest = pd.read_csv(paths.MANIFEST)
+    classes = json.loads(paths.CLASSES.read_text())["classes"]
+    setup = Setup(params, manifest, classes, params.data.image_size)
+    backbone = build_backbone(params.backbone.name, params.backbone.weights)
+    head, head_source = starting_head(backbone, classes, params.seed)
+    # the cache must reach every k timed and every k the study may draw
+    cache_blocks = max(*ks, min(params.finetune.max_unfreeze, params.extract.cache_blocks))
+    fixed = study.TrialConfig(k=0, head_lr=3e-3, backbone_lr=1e-3, layer_decay=0.8, weight_decay=1e-4)
+    rows: list[tuple[str, float, float, str]] = []
+    say(f"bench: {params.backbone.name} at {setup.size}px, {int((manifest.split == 'train').sum())} train / "
+        f"{int((manifest.split == 'val').sum())} val images, {epochs} epochs per trial, "
+        f"{torch.get_num_threads()} threads{', our trials torch.compiled' if params.finetune.compile else ''}; "
+        f"trials start from {head_source}")
+    with tempfile.TemporaryDirectory() as tmp:
+        cache_dir = Path(tmp)
+        with PeakMemory() as naive_mem:
+            naive_rate = naive_extraction(setup, backbone)
+        with tempfile.TemporaryDirectory() as plain_dir:  # like for like: one plain view per image
+            our_rate, runtime = our_extraction(setup, backbone, Path(plain_dir), cache_blocks, 1)
+        with PeakMemory() as our_mem:  # what the pipeline does: plus augmented views
+            views = params.extract.views
+            with_views_rate, _ = our_extraction(setup, backbone, cache_dir, cache_blocks, views)
+        rows.append(("extraction, images/s", naive_rate, our_rate, "higher is better"))
+        say(f"  extraction: naive {naive_rate:.1f} img/s, ours {our_rate:.1f} img/s ({runtime.precision}, "
+            f"channels_last, writing the cache of the top {cache_blocks} cuts); with {views} views incl. "
+            f"augmentation {with_views_rate:.1f} img/s")
+        naive_peak, our_peak = naive_mem.mib, our_mem.mib
+        accuracies = []  # same config and seed on both paths: a paired check that ours learns as well
+        for k in ks:
+            config = study.TrialConfig(**{**vars(fixed), "k": k})
+            t0 = time.perf_counter()
+            with PeakMemory() as m1:
+                naive_acc = naive_trial(setup, backbone, head, config, epochs, params.seed)
+            t1 = time.perf_counter()
+            with PeakMemory() as m2:
+                our_acc = cached_trial(setup, backbone, head, cache_dir, config, epochs, params.seed)
+            t2 = time.perf_counter()
+            naive_peak, our_peak = max(naive_peak, m1.mib), max(our_peak, m2.mib)
+            accuracies.append((naive_acc, our_acc))
+            rows.append((f"trial k={k}, seconds", t1 - t0, t2 - t1, "lower is better"))
+            say(f"  trial k={k}: naive {t1 - t0:.1f}s (best val accuracy {naive_acc:.3f}), "
+                f"ours {t2 - t1:.1f}s ({our_acc:.3f})")
+        rows.append((f"trials k={','.join(map(str, ks))}: mean best val accuracy",
+                     float(np.mean([a for a, _ in accuracies])), float(np.mean([b for _, b in accuracies])),
+                     "higher is better"))
+        studied = []  # (naive seconds, naive best, our seconds, our best) per study seed
+        for repeat in range(studies):
+            setup.params = replace(dataclass_replace_finetune(params, epochs), seed=params.seed + repeat)
+            naive_time, naive_best = run_study(
+                lambda c, seed, report: naive_trial(setup, backbone, head, c, epochs, seed, report),
+                setup, n_trials)
+            our_time, our_best = run_study(
+                lambda c, seed, report: cached_trial(setup, backbone, head, cache_dir, c, epochs, seed, report),
+                setup, n_trials)
+            studied.append((naive_time, naive_best, our_time, our_best))
+            say(f"  study seed {setup.params.seed}: naive {naive_time:.1f}s (best val accuracy {naive_best:.3f}), "
+                f"ours {our_time:.1f}s ({our_best:.3f})")
+        naive_time, naive_best, our_time, our_best = np.mean(studied, axis=0)
+        per = f" (mean of {studies} seeds)" if studies > 1 else ""
+        rows.append((f"study of {n_trials} trials{per}, seconds", naive_time, our_time, "lower is better"))
+        rows.append((f"study best val accuracy{per}", naive_best, our_best, "higher is better"))
+        rows.append(("peak extra memory, MiB", naive_peak, our_peak, "lower is better"))
+    say(render(rows))
+
+
+def dataclass_replace_finetune(params: Params, epochs: int) -> Params:
+    return replace(params, finetune=replace(params.finetune, epochs=epochs,
+                                            max_unfreeze=min(params.finetune.max_unfreeze,
+                                                             params.extract.cache_blocks)))
+
+
+def render(rows) -> str:
+    lines = ["| measure | naive | ours | ours vs naive |", "|---|---:|---:|---:|"]
+    for name, naive, ours, direction in rows:
+        if "accuracy" in name:
+            ratio = f"{ours - naive:+.3f}"
+        elif direction == "higher is better":
+            ratio = f"{ours / naive:.1f}x faster" if naive else "n/a"
+        else:
+            ratio = f"{naive / ours:.1f}x {'faster' if 'seconds' in name else 'less'}" if ours else "n/a"
+        fmt = "{:.3f}" if "accuracy" in name else "{:.1f}"
+        lines.append(f"| {name} | {fmt.format(naive)} | {fmt.format(ours)} | {ratio} |")
+    return "\n".join(lines)
