@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from pathlib import Path
 
+from pipeline import interrupts
 from pipeline.errors import PipelineError, Terminated
 
 STAGES = {
@@ -98,52 +100,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_command(args: argparse.Namespace) -> None:
+    if args.command == "finetune":
+        from pipeline.params import load_params
+        from pipeline.stages.finetune import main as finetune_main
+
+        if args.workers is not None and args.workers < 1:
+            raise PipelineError("--workers must be 1 or more")
+        finetune_main(load_params(args.params), workers=args.workers, params_path=args.params)
+    elif args.command in STAGES:
+        from pipeline.params import load_params
+
+        params = load_params(args.params)
+        importlib.import_module(f"pipeline.stages.{args.command}").main(params)
+    elif args.command == "worker":
+        from pipeline.params import load_params
+        from pipeline.stages.finetune import worker_main
+
+        worker_main(load_params(args.params), args.parent_run_id)
+    elif args.command == "bench":
+        from pipeline.params import load_params
+        from pipeline.tools.bench import main as bench_main
+
+        bench_main(load_params(args.params), args.k, args.epochs, args.trials, args.compile, args.studies)
+    elif args.command == "stability":
+        from pipeline.tools.stability import main as stability_main
+
+        stability_main(args.seeds, args.noise, args.keep)
+    elif args.command == "retrain":
+        from pipeline.tools.retrain import main as retrain_main
+
+        retrain_main(args.remote, args.pull, args.push, args.summary)
+    elif args.command == "lineage":
+        from pipeline.params import load_params
+        from pipeline.tracking.lineage import describe
+
+        name = args.model_name or load_params(args.params).evaluate.model_name
+        print(describe(name, args.version))
+    elif args.command == "predict":
+        from pipeline.serving.predict import main as predict_main
+
+        predict_main(args.model, args.paths, args.output)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in TRACKED:
         # before the stage's own imports, so the import of MLflow is counted as tracking overhead
         importlib.import_module("pipeline.tracking.store")
     try:
-        if args.command == "finetune":
-            from pipeline.params import load_params
-            from pipeline.stages.finetune import main as finetune_main
-
-            if args.workers is not None and args.workers < 1:
-                raise PipelineError("--workers must be 1 or more")
-            finetune_main(load_params(args.params), workers=args.workers, params_path=args.params)
-        elif args.command in STAGES:
-            from pipeline.params import load_params
-
-            params = load_params(args.params)
-            importlib.import_module(f"pipeline.stages.{args.command}").main(params)
-        elif args.command == "worker":
-            from pipeline.params import load_params
-            from pipeline.stages.finetune import worker_main
-
-            worker_main(load_params(args.params), args.parent_run_id)
-        elif args.command == "bench":
-            from pipeline.params import load_params
-            from pipeline.tools.bench import main as bench_main
-
-            bench_main(load_params(args.params), args.k, args.epochs, args.trials, args.compile, args.studies)
-        elif args.command == "stability":
-            from pipeline.tools.stability import main as stability_main
-
-            stability_main(args.seeds, args.noise, args.keep)
-        elif args.command == "retrain":
-            from pipeline.tools.retrain import main as retrain_main
-
-            retrain_main(args.remote, args.pull, args.push, args.summary)
-        elif args.command == "lineage":
-            from pipeline.params import load_params
-            from pipeline.tracking.lineage import describe
-
-            name = args.model_name or load_params(args.params).evaluate.model_name
-            print(describe(name, args.version))
-        elif args.command == "predict":
-            from pipeline.serving.predict import main as predict_main
-
-            predict_main(args.model, args.paths, args.output)
+        # a stage stops at its next safe point on ^C or SIGTERM; the other commands keep Python's
+        # defaults (retrain and stability wait on child processes, which get the signal themselves)
+        with interrupts.stop_on_signals() if args.command in TRACKED else contextlib.nullcontext():
+            run_command(args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -9,10 +9,10 @@ class PipelineError(Exception):
 
 
 class Terminated(KeyboardInterrupt):
-    """Raised in the main thread on SIGTERM (by tracking.stage_run's handler) so runs end KILLED
+    """Raised at the next safe point after a SIGTERM (interrupts.check) so runs end KILLED
     instead of staying RUNNING.
 
-    A KeyboardInterrupt, not an Exception: libraries wrap or swallow Exceptions raised inside
-    them (MLflow's SQL store turns one into an MlflowException, so a SIGTERM during a store call
-    ended the run FAILED; prepare would have quarantined the image being decoded).
+    A KeyboardInterrupt, not an Exception, so it travels the same paths as ^C: no `except
+    Exception` on the way (a trial's failure handling, prepare's quarantine) mistakes it for an
+    ordinary error.
     """

@@ -1,66 +1,64 @@
-"""SIGTERM as an exception (errors.Terminated) that never lands inside a store call.
+"""SIGTERM and SIGINT set a stop flag; the loops check it at safe points and stop there.
 
-Raised at an arbitrary bytecode, the exception can cut a database call in half — between a
-write and its commit or while a session closes — and leave a connection holding SQLite's write
-lock: every later write, including the clean-up that marks the trial FAIL and the runs KILLED,
-then waits out the busy timeout. So a signal that arrives while the main thread is inside a
-store call (MLflow via tracking, Optuna via study's storage) is held and raised when the call
-returns.
+As Lightning does: the handler only records the request, so a signal never lands inside a store
+call (MLflow's SQL, Optuna's storage) — an exception raised at an arbitrary bytecode there could
+leave a connection holding SQLite's write lock, or be wrapped by the library into an ordinary
+error. The loops call `check()` per batch, per trial and per image; it raises errors.Terminated
+(SIGTERM) or KeyboardInterrupt (SIGINT), which end the runs KILLED and fail + retry the trial.
+Further signals while stopping are ignored; SIGKILL is the hard stop (its runs and trials are
+reaped by the next run, see tracking.runs and search.storage).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
+import signal
 import threading
 from collections.abc import Iterator
 
 from pipeline.errors import Terminated
 
-_state = {"depth": 0, "pending": None}  # main thread's nesting of store calls; held signal
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_requested: list[int] = []  # the first signal received, once one is
+_installed = [0]  # nesting of stop_on_signals blocks (the CLI's, a stage run's)
 
 
-def raise_terminated(signum, frame) -> None:
-    """The SIGTERM handler tracking.stage_run installs (Python runs it in the main thread)."""
-    if _state["depth"]:
-        _state["pending"] = signum
+def request_stop(signum: int, frame) -> None:
+    """The handler: remember the first signal; the next safe point raises it."""
+    if not _requested:
+        _requested.append(signum)
+
+
+def stop_requested() -> bool:
+    return bool(_requested)
+
+
+def check() -> None:
+    """A safe point: stop here if a signal came (Terminated for SIGTERM, KeyboardInterrupt for ^C)."""
+    if not _requested:
         return
-    raise Terminated(f"signal {signum}")
+    if _requested[0] == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated(f"signal {_requested[0]}")
 
 
 @contextlib.contextmanager
-def store_call() -> Iterator[None]:
-    """Hold SIGTERM for the duration of the block (main thread only; others never get signals)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+def stop_on_signals() -> Iterator[None]:
+    """Install the handlers for the block (main thread only: Python delivers signals there)."""
+    if threading.current_thread() is not threading.main_thread() or _installed[0]:
+        _installed[0] += 1  # already installed by an outer block: that one restores them
+        try:
+            yield
+        finally:
+            _installed[0] -= 1
         return
-    _state["depth"] += 1
+    previous = {sig: signal.signal(sig, request_stop) for sig in SIGNALS}
+    _requested.clear()
+    _installed[0] = 1
     try:
         yield
     finally:
-        _state["depth"] -= 1
-        if _state["depth"] == 0 and _state["pending"] is not None:
-            signum, _state["pending"] = _state["pending"], None
-            raise Terminated(f"signal {signum}")
-
-
-def shield_methods(cls: type) -> type:
-    """Class decorator: __init__ and every public instance method (own and inherited) run as
-    store_calls."""
-    for name in dir(cls):
-        if name.startswith("_") and name != "__init__":
-            continue
-        method = inspect.getattr_static(cls, name)
-        if inspect.isfunction(method):  # not static/class methods, properties or attributes
-            setattr(cls, name, _shielded(method))
-    return cls
-
-
-def _shielded(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with store_call():
-            return fn(*args, **kwargs)
-
-    return wrapper
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _installed[0] = 0
+        _requested.clear()

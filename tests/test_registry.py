@@ -64,6 +64,17 @@ def test_gate_minimum_gain_applies_even_when_significant():
     assert d.p_value < 0.05 and not d.promote and "below the minimum" in d.reason
 
 
+def test_mcnemar_p_values_from_scipy_equal_the_exact_binomial_tail():
+    """scipy's binomtest replaced our own sum of binomial terms: the same p-value for every
+    discordant split up to 60 pairs (to float rounding)."""
+    from math import comb
+
+    for n in range(1, 61):
+        for b in range(n + 1):
+            exact = sum(comb(n, i) for i in range(b, n + 1)) / 2**n
+            assert mcnemar_exact_p(b, n - b) == pytest.approx(exact, rel=1e-12, abs=1e-300), (b, n - b)
+
+
 def test_first_version_is_promoted_and_mcnemar_matches_the_binomial_tail():
     assert decide(correctness(10), None, 0.05, 0.0).promote
     assert mcnemar_exact_p(3, 1) == pytest.approx(5 / 16)

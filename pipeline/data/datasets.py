@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import interrupts
 from pipeline.data.images import UnusableImage, content_hash, decode_image
 from pipeline.errors import PipelineError
 
@@ -98,6 +99,7 @@ def validate_files(
     result = ScanResult()
     by_hash: dict[str, list[Accepted]] = defaultdict(list)
     for file in files:
+        interrupts.check()  # a safe point: between images
         try:
             data = _read_inside_root(file, root)
             decoded = decode_image(data, size, max_pixels)

@@ -14,11 +14,16 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-# Pillow's own bomb check raises for > 2x its limit and only warns below; we check explicitly
-# against params' data.max_image_pixels *before* decoding, so switch Pillow's off.
+# Pillow's own bomb check raises for > 2x its limit and only warns below; decode_image checks
+# explicitly against a cap every caller must give (prepare: params' data.max_image_pixels;
+# serving and predict: the same value as the checkpoint recorded it) *before* decoding, so
+# switch Pillow's off.
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+# The shipped params.yaml's data.max_image_pixels (a test keeps the two equal): the cap for
+# checkpoints written before model.json recorded "max_image_pixels".
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 MIN_SIDE = 8  # smaller images carry no usable signal once resized to the working size
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white, always the same
 
@@ -62,6 +67,16 @@ def _to_rgb(image: Image.Image, conversions: list[str]) -> Image.Image:
     return image.convert("RGB")
 
 
+def fit_to_square(image: Image.Image, size: int, conversions: list[str] | None = None) -> np.ndarray:
+    """The one preprocessing training and serving share: an image (already EXIF-oriented) →
+    (size, size, 3) uint8: to RGB (alpha on white, 16-bit scaled), centre-cropped to a square
+    and resized with bicubic. Never squashes: a non-square image loses its edges, as in training.
+    """
+    rgb = _to_rgb(image, conversions if conversions is not None else [])
+    fitted = ImageOps.fit(rgb, (size, size), Image.BICUBIC)
+    return np.asarray(fitted, dtype=np.uint8).copy()
+
+
 def decode_image(data: bytes, size: int, max_pixels: int) -> DecodedImage:
     """Full decode (truncation is only caught by decoding), EXIF orientation, RGB, resize+crop."""
     if not data:
@@ -92,10 +107,8 @@ def decode_image(data: bytes, size: int, max_pixels: int) -> DecodedImage:
         orientation = image.getexif().get(0x0112)
         if orientation not in (None, 1):
             conversions.append(f"EXIF orientation {orientation} applied")
-    rgb = _to_rgb(oriented, conversions)
-    fitted = ImageOps.fit(rgb, (size, size), Image.BICUBIC)
     return DecodedImage(
-        pixels=np.asarray(fitted, dtype=np.uint8).copy(),
+        pixels=fit_to_square(oriented, size, conversions),
         width=oriented.size[0],
         height=oriented.size[1],
         conversions=conversions,

@@ -42,6 +42,14 @@ REGISTRY: dict[str, BackboneSpec] = {
 }
 
 
+def cut_index(num_blocks: int, k: int) -> int:
+    """Where "the top k of n blocks" starts: the index of the lowest trained block, which is also
+    how many frozen blocks run below it. The one place this is computed."""
+    if not 0 <= k <= num_blocks:
+        raise ValueError(f"k={k} is outside 0..{num_blocks} blocks")
+    return num_blocks - k
+
+
 class Backbone(nn.Module):
     """A pretrained CNN as a sequence of blocks followed by global average pooling."""
 
@@ -56,6 +64,14 @@ class Backbone(nn.Module):
         for block in self.blocks[start:stop]:
             x = block(x)
         return x
+
+    def cut(self, k: int) -> int:
+        """Index of the lowest of the top k blocks (see cut_index)."""
+        return cut_index(len(self.blocks), k)
+
+    def top_blocks(self, k: int) -> list[nn.Module]:
+        """The top k blocks, bottom first (the order they run in)."""
+        return list(self.blocks[self.cut(k):])
 
     @staticmethod
     def pool(x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) → (B, C)

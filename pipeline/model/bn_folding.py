@@ -15,6 +15,7 @@ import itertools
 import torch
 from timm.layers import BatchNormAct2d
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from pipeline.model.backbones import Backbone
 
@@ -57,16 +58,10 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 
 @torch.no_grad()
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.affine:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    if bn.affine:
-        shift = shift + bn.bias
-    if conv.bias is not None:
-        shift = shift + conv.bias * scale
-    conv.weight.mul_(scale.view(-1, 1, 1, 1))
-    conv.bias = nn.Parameter(shift, requires_grad=False)
+    weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                        bn.weight if bn.affine else None, bn.bias if bn.affine else None)
+    conv.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    conv.bias = nn.Parameter(bias.detach(), requires_grad=False)
 
 
 def _same(got: torch.Tensor, expected: torch.Tensor) -> bool:

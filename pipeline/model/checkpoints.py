@@ -21,6 +21,25 @@ from pipeline.paths import CONFIG_FILE, WEIGHTS_FILE
 FORMAT_VERSION = 1
 
 
+def model_config(meta: dict, k: int, dropout: float, max_image_pixels: int, head_only: bool, **extra) -> dict:
+    """What every checkpoint (head-only or fine-tuned) says about the model it holds, from
+    extract's features meta: enough to rebuild it and to feed it images as training did."""
+    return {
+        "head_only": head_only,  # weights of the head only; the backbone comes from backbone_weights
+        "backbone": meta["backbone"],
+        "backbone_weights": meta["backbone_weights"],
+        "num_features": meta["num_features"],
+        "dropout": dropout,
+        "classes": meta["classes"],
+        "image_size": meta["image_size"],
+        "input_config": meta["input_config"],
+        "k": k,
+        # serving decodes no larger image than prepare accepted (Pillow's own check is off)
+        "max_image_pixels": max_image_pixels,
+        **extra,
+    }
+
+
 def save_checkpoint(directory: Path, state: dict[str, torch.Tensor], config: dict) -> None:
     """Write weights then config, each atomically; config last so its presence means complete."""
     directory.mkdir(parents=True, exist_ok=True)

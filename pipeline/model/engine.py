@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline import interrupts
 from pipeline.devices import Runtime, compiled
 
 
@@ -61,9 +62,21 @@ def predict_logits(
     outputs = []
     with torch.inference_mode(), runtime.autocast():
         for start in range(0, len(source), batch_size):
+            interrupts.check()  # a safe point: between batches
             idx = np.arange(start, min(start + batch_size, len(source)))
             outputs.append(model(runtime.to_input(source.batch(idx, None))).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def grad_scaler(runtime: Runtime) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 autocast, a no-op scaler otherwise.
+
+    fp16 has 5 exponent bits: gradients below ~6e-8 flush to zero in the backward pass, so
+    the loss is multiplied up before backward and the gradients divided back (in fp32) before
+    the step; a step whose gradients overflowed is skipped and the scale lowered. bf16 has
+    fp32's exponent range and fp32 needs nothing, so they get a disabled scaler (a pass-through).
+    """
+    return torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
 
 
 def train(
@@ -84,9 +97,11 @@ def train(
 
     set_train_mode re-applies the freezing policy (frozen parts stay in eval mode);
     on_epoch returns True to stop early (patience, or an Optuna prune that raises);
-    compile_model runs the steps through torch.compile (the weights stay those of `model`).
+    compile_model runs the steps through torch.compile (the weights stay those of `model`);
+    under fp16 autocast the loss is scaled (grad_scaler), so small gradients do not underflow.
     """
     forward = compiled(model, compile_model)
+    scaler = grad_scaler(runtime)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     rng = np.random.default_rng(seed)
     views = train.views
@@ -103,14 +118,16 @@ def train(
         chosen_views = view_cycle[:, (epoch - 1) % views]
         total, seen = 0.0, 0
         for start in range(0, len(order), batch_size):
+            interrupts.check()  # a safe point: between batches
             idx = order[start : start + batch_size]
             x = runtime.to_input(train.batch(idx, chosen_views[idx]))
             y = train.labels[idx].to(runtime.device)
             with runtime.autocast():
                 loss = loss_fn(forward(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)  # unscales first; skips the step if a gradient is inf/nan
+            scaler.update()
             total += loss.item() * len(idx)
             seen += len(idx)
         scheduler.step()

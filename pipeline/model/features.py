@@ -7,7 +7,7 @@ import json
 import numpy as np
 import torch
 
-from pipeline import paths
+from pipeline import interrupts, paths
 from pipeline.data.augment import augment
 from pipeline.devices import Runtime
 from pipeline.errors import PipelineError
@@ -56,7 +56,7 @@ class LiveSource:
         self.labels = torch.as_tensor(labels(split), dtype=torch.long)
         self.k, self.backbone, self.runtime, self.augment = k, backbone, runtime, augment
         self.generator = torch.Generator().manual_seed(seed)
-        self.stop = len(backbone.blocks) - k
+        self.stop = backbone.cut(k)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -82,18 +82,12 @@ CACHE_DTYPE = np.float16  # half the bytes of fp32; activations of these nets fi
 CACHE_TORCH_DTYPE = torch.float16
 
 
-def cut_block_index(num_blocks: int, k: int) -> int:
-    """Index of the lowest unfrozen block when the top k are trained."""
-    return num_blocks - k
-
-
 @torch.inference_mode()
 def forward_with_cuts(
     backbone: Backbone, x: torch.Tensor, cache_blocks: int, runtime: Runtime
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Pooled features and {k: input of the k-th block from the top} for k = 1..K."""
-    n = len(backbone.blocks)
-    wanted = {cut_block_index(n, k): k for k in range(1, cache_blocks + 1)}
+    wanted = {backbone.cut(k): k for k in range(1, cache_blocks + 1)}
     cuts = {}
     with runtime.autocast():
         for i, block in enumerate(backbone.blocks):
@@ -129,6 +123,7 @@ def extract_split(
     files = {}
     n = len(rows)
     for start in range(0, n, batch_size):
+        interrupts.check()  # a safe point: between batches
         batch = torch.from_numpy(images[rows[start : start + batch_size]])  # reads one batch
         for view in range(views):
             # view 0 is the image as is; the others are seeded augmentations of it

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from pipeline.model.backbones import cut_index
+
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
 
 
 def trainable_blocks(blocks: nn.ModuleList, k: int) -> list[nn.Module]:
     """The top k blocks, top first."""
-    if not 0 <= k <= len(blocks):
-        raise ValueError(f"k={k} is outside 0..{len(blocks)} blocks")
-    return [blocks[len(blocks) - 1 - j] for j in range(k)]
+    return list(blocks[cut_index(len(blocks), k):])[::-1]
 
 
 def freeze_all_but_top(blocks: nn.ModuleList, k: int, bn_train: bool) -> None:

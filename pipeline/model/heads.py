@@ -35,8 +35,7 @@ class TopModel(nn.Module):
 
     @classmethod
     def top_of(cls, backbone: Backbone, head: Head, k: int) -> TopModel:
-        n = len(backbone.blocks)
-        return cls(head, list(backbone.blocks[n - k :]) if k else [])
+        return cls(head, backbone.top_blocks(k))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.k == 0:
@@ -72,7 +71,7 @@ class EnsembleClassifier(nn.Module):
         self.k = members[0].k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) → (B, classes)
-        cut = self.backbone.forward_blocks(x, 0, len(self.backbone.blocks) - self.k)
+        cut = self.backbone.forward_blocks(x, 0, self.backbone.cut(self.k))
         if self.k == 0:
             cut = Backbone.pool(cut)  # (B, D) pooled features
         probabilities = torch.stack([torch.softmax(m(cut).float(), dim=1) for m in self.members])

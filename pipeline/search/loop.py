@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -17,7 +18,6 @@ from pipeline import interrupts
 from pipeline.errors import PipelineError
 from pipeline.params import Params
 from pipeline.search import storage, study
-from pipeline.search.trials import TrialRunner
 from pipeline.tracking import store
 
 
@@ -36,7 +36,12 @@ def count(s: optuna.Study, *states: TrialState) -> int:
     return len(s.get_trials(deepcopy=False, states=states))
 
 
-def work(params: Params, runner: TrialRunner, s: optuna.Study, worker: int = 0) -> int:
+# objective(trial, slot) -> value: trains one trial, seeded by its slot (study.logical_number);
+# raises optuna.TrialPruned when the pruner stops it
+Objective = Callable[[optuna.Trial, int], float]
+
+
+def run_trials(params: Params, s: optuna.Study, objective: Objective, worker: int = 0) -> int:
     """Run trials until the study holds n_trials finished (COMPLETE or PRUNED) ones, as Optuna's
     own `optimize(n_trials=...)` counts them; returns how many this ran.
 
@@ -51,6 +56,7 @@ def work(params: Params, runner: TrialRunner, s: optuna.Study, worker: int = 0) 
     deadline = time.monotonic() + params.finetune.timeout_minutes * 60 if params.finetune.timeout_minutes else None
     ran, attempts = 0, 0
     while True:
+        interrupts.check()  # a safe point: between trials
         storage.fail_stale_trials(s)
         finished = count(s, *FINISHED)
         if finished >= n or (deadline and time.monotonic() > deadline):
@@ -65,40 +71,39 @@ def work(params: Params, runner: TrialRunner, s: optuna.Study, worker: int = 0) 
                 "ones (all failed?) — check the trial runs in MLflow"
             )
         s.sampler = study.make_sampler(params, study.next_slot(s), worker)
-        trial = None
+        with warnings.catch_warnings():  # our loop records the heartbeats that optimize() would
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+            trial = s.ask()
+        storage.claim(trial)
+        in_flight = sorted(t.number for t in s.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
+        if trial.number not in in_flight[:n]:  # another worker took the last slot this instant
+            trial.set_user_attr("surplus", True)
+            s.tell(trial, state=TrialState.FAIL)
+            continue
+        ran += run_one(s, trial, objective)
+
+
+def run_one(s: optuna.Study, trial: optuna.Trial, objective: Objective) -> int:
+    """Run the objective and tell the study how it ended; 1 if the trial completed."""
+    with storage.heartbeat(s, trial):
         try:
-            # a SIGTERM during ask is held until the trial exists, so the handler below can fail it
-            with warnings.catch_warnings(), interrupts.store_call():
-                # our loop records the heartbeats that optimize() would
-                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-                trial = s.ask()
-                storage.claim(trial)
-            in_flight = sorted(t.number for t in s.get_trials(deepcopy=False,
-                                                              states=(*FINISHED, TrialState.RUNNING)))
-            if trial.number not in in_flight[:n]:  # another worker took the last slot this instant
-                trial.set_user_attr("surplus", True)
-                s.tell(trial, state=TrialState.FAIL)
-                continue
-            with storage.heartbeat(s, trial):
-                try:
-                    value = runner.run_trial(trial, study.logical_number(s, trial.number))
-                except optuna.TrialPruned:
-                    s.tell(trial, state=TrialState.PRUNED)
-                except Exception:
-                    s.tell(trial, state=TrialState.FAIL)
-                    raise
-                else:
-                    s.tell(trial, value)
-                    ran += 1
-        except KeyboardInterrupt:  # ^C, or SIGTERM (errors.Terminated), at any point of the trial
-            if trial is not None:
-                fail_and_retry(s, trial)
+            value = objective(trial, study.logical_number(s, trial.number))
+        except optuna.TrialPruned:
+            s.tell(trial, state=TrialState.PRUNED)
+            return 0
+        except KeyboardInterrupt:  # ^C, or SIGTERM (errors.Terminated), at a safe point of the trial
+            fail_and_retry(s, trial)
             raise
+        except Exception:
+            s.tell(trial, state=TrialState.FAIL)
+            raise
+    s.tell(trial, value)
+    return 1
 
 
 def fail_and_retry(s: optuna.Study, trial: optuna.Trial) -> None:
     """An interrupted trial still RUNNING: FAIL, and retried like a killed one — its slot is
-    refilled, so a resumed study stays identical. One already told (the signal came after) stays."""
+    refilled, so a resumed study stays identical."""
     frozen = s.get_trials(deepcopy=False)[trial.number]
     if frozen.state == TrialState.RUNNING:
         s.tell(trial, state=TrialState.FAIL)
@@ -114,12 +119,19 @@ def spawn_workers(extra: int, params_path: Path, parent_run_id: str) -> list[sub
     return [subprocess.Popen(command, env={**env, "PIPELINE_WORKER_ID": str(i)}) for i in range(1, extra + 1)]
 
 
-def run_study(params: Params, runner: TrialRunner, s: optuna.Study, workers: int, params_path: Path) -> None:
+def run_study(params: Params, s: optuna.Study, objective: Objective, workers: int, params_path: Path,
+              parent_run_id: str) -> None:
     """This process and `workers - 1` local helpers run trials until the study is complete."""
-    helpers = spawn_workers(workers - 1, params_path, runner.parent_run_id) if workers > 1 else []
+    helpers = spawn_workers(workers - 1, params_path, parent_run_id) if workers > 1 else []
     try:
-        work(params, runner, s)
+        run_trials(params, s, objective)
+        while any(p.poll() is None for p in helpers):
+            interrupts.check()  # a safe point while the helpers finish their last trials
+            time.sleep(0.5)
     finally:
+        for p in helpers:
+            if p.poll() is None:  # stopping: the helpers stop at their next safe point too
+                p.terminate()
         codes = [p.wait() for p in helpers]
     if any(codes):
         raise PipelineError(f"finetune: {sum(c != 0 for c in codes)} worker process(es) failed — see above")

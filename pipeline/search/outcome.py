@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 
 from pipeline import paths
 from pipeline.atomic import write_json
+from pipeline.model.checkpoints import model_config
 from pipeline.model.heads import EnsembleClassifier, TopModel
 from pipeline.params import Params
 from pipeline.search import selection, study
@@ -60,23 +61,14 @@ def assemble(runner: TrialRunner, members: list[TrainedRun]) -> EnsembleClassifi
 
 def checkpoint_config(runner: TrialRunner, name: str, chosen: selection.Candidate,
                       members: list[TrainedRun]) -> dict:
-    meta = runner.meta
-    return {
-        "head_only": False,
-        "backbone": meta["backbone"],
-        "backbone_weights": meta["backbone_weights"],
-        "num_features": meta["num_features"],
-        "dropout": runner.head.dropout.p,
-        "classes": meta["classes"],
-        "image_size": meta["image_size"],
-        "input_config": meta["input_config"],
-        "k": members[0].k,
-        "trial": chosen.slot,
-        "study": name,
-        "trial_run_id": members[0].run_id,  # the trial's own run; the others are tagged on finetune's
-        "hyperparameters": chosen.params,
-        "members": [{"trial": r.trial, "seed": r.seed, "val_accuracy": r.val_accuracy} for r in members],
-    }
+    return model_config(
+        runner.meta, members[0].k, runner.head.dropout.p, runner.params.data.max_image_pixels, head_only=False,
+        trial=chosen.slot,
+        study=name,
+        trial_run_id=members[0].run_id,  # the trial's own run; the others are tagged on finetune's
+        hyperparameters=chosen.params,
+        members=[{"trial": r.trial, "seed": r.seed, "val_accuracy": r.val_accuracy} for r in members],
+    )
 
 
 def record_outcome(s: optuna.Study, ranked: list[selection.Candidate], members: list[TrainedRun],

@@ -11,7 +11,6 @@ import warnings
 import optuna
 from optuna.trial import TrialState
 
-from pipeline import interrupts
 from pipeline.paths import mlruns_dir
 from pipeline.tracking import runs
 
@@ -25,26 +24,16 @@ def storage_url() -> str:
     return f"sqlite:///{mlruns_dir() / 'optuna.db'}"
 
 
-@interrupts.shield_methods
-class RDBStorage(optuna.storages.RDBStorage):
-    """Optuna's RDBStorage; a SIGTERM cannot land half-way through one of its calls."""
-
-
-@interrupts.shield_methods
-class JournalStorage(optuna.storages.JournalStorage):
-    """Optuna's JournalStorage; a SIGTERM cannot land half-way through one of its calls."""
-
-
 def make_storage(url: str | None = None) -> optuna.storages.BaseStorage:
     """RDB storage with heartbeats: a killed worker's trial is failed and retried, not left RUNNING."""
     url = url or storage_url()
     if url.endswith(".log") or url.startswith("journal:"):
         path = url.removeprefix("journal:")
-        return JournalStorage(optuna.storages.journal.JournalFileBackend(path))
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9, and documented
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(
+        return optuna.storages.RDBStorage(
             url,
             engine_kwargs=engine_kwargs,
             heartbeat_interval=HEARTBEAT_SECONDS,

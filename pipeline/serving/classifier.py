@@ -3,7 +3,9 @@
 Logged as "models from code" (pyfunc.py), with the checkpoint folder as an artifact and
 this package as code, so loading it unpickles nothing.
 Inputs: a DataFrame whose `image` column holds encoded image bytes or base64 strings, or a
-uint8 array (B, H, W, 3) / (H, W, 3) from Python.
+uint8 array (B, H, W, 3) / (H, W, 3) from Python (4 channels: RGBA, composited on white).
+Every input goes through the preprocessing training used (data.images.fit_to_square), and
+encoded images are decoded under the cap training used (model.json's max_image_pixels).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from pipeline.data.images import UnusableImage, decode_image
+from pipeline import interrupts
+from pipeline.data.images import DEFAULT_MAX_IMAGE_PIXELS, UnusableImage, decode_image, fit_to_square
 from pipeline.devices import select_runtime
 from pipeline.errors import PipelineError
 from pipeline.model.backbones import normalize
@@ -55,18 +58,21 @@ class ImageClassifier:
         self.model, self.config = load_classifier(Path(checkpoint_dir))
         self.classes = self.config["classes"]
         self.size = self.config["image_size"]
+        # the decompression-bomb cap prepare used; older checkpoints predate the key
+        self.max_pixels = int(self.config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
         self.runtime = select_runtime("auto")
         self.model = self.model.to(self.runtime.device).to(memory_format=torch.channels_last)
 
     def pixels_from(self, model_input) -> np.ndarray:
         """Any accepted input → (B, S, S, 3) uint8 at the model's working size."""
         if isinstance(model_input, np.ndarray) and model_input.dtype == np.uint8:
+            if model_input.ndim not in (3, 4) or model_input.shape[-1] not in (3, 4):
+                raise PipelineError(
+                    f"a uint8 array input must be (H, W, 3) or (B, H, W, 3), got {model_input.shape}"
+                )
             batch = model_input[None] if model_input.ndim == 3 else model_input
-            return np.stack([
-                np.asarray(Image.fromarray(img).convert("RGB").resize((self.size, self.size),
-                                                                      Image.BICUBIC))
-                for img in batch
-            ])
+            out = [fit_to_square(Image.fromarray(np.ascontiguousarray(img)), self.size) for img in batch]
+            return np.stack(out) if out else np.zeros((0, self.size, self.size, 3), np.uint8)
         if isinstance(model_input, pd.DataFrame):
             if IMAGE_COLUMN not in model_input.columns:
                 raise PipelineError(f"input needs a column named {IMAGE_COLUMN!r}")
@@ -76,7 +82,7 @@ class ImageClassifier:
         out = []
         for value in values:
             try:
-                out.append(decode_image(image_bytes(value), self.size, 10**9).pixels)
+                out.append(decode_image(image_bytes(value), self.size, self.max_pixels).pixels)
             except UnusableImage as exc:
                 raise PipelineError(f"cannot read an input image: {exc}") from None
         return np.stack(out) if out else np.zeros((0, self.size, self.size, 3), np.uint8)
@@ -85,6 +91,7 @@ class ImageClassifier:
     def probabilities(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
         chunks = []
         for start in range(0, len(pixels), batch_size):
+            interrupts.check()  # a safe point between batches (evaluate scores the whole test split)
             x = normalize(torch.from_numpy(pixels[start : start + batch_size]),
                           self.config["input_config"])
             with self.runtime.autocast():

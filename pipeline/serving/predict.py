@@ -56,7 +56,8 @@ def main(model: str, paths: list[Path], output: Path | None, batch_size: int = 6
             readable = []
             for path in chunk:
                 try:
-                    pixels.append(decode_image(path.read_bytes(), classifier.size, 10**9).pixels)
+                    pixels.append(decode_image(path.read_bytes(), classifier.size,
+                                               classifier.max_pixels).pixels)
                     readable.append(path)
                 except (UnusableImage, OSError) as exc:
                     rows.append({"path": str(path), "label": "", "probability": np.nan,

@@ -5,10 +5,10 @@ top k blocks + head on the activations extract cached at their bottom — the fr
 network never runs. Each trial is a nested MLflow run; the best trial becomes a self-describing
 checkpoint of the whole model.
 
-Trials are run by `work()`, which any number of processes (`finetune.workers`, `python -m
+Trials are run by search.loop, which any number of processes (`finetune.workers`, `python -m
 pipeline worker` on other machines) can run against one study: it stops when the study holds
-`n_trials` finished (complete or pruned) trials, and a SIGKILLed worker's trial is failed by its stale heartbeat and
-retried with the same parameters.
+`n_trials` finished (complete or pruned) trials, and a SIGKILLed worker's trial is failed by its
+stale heartbeat and retried with the same parameters.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pipeline.model.checkpoints import save_checkpoint
 from pipeline.params import Params
 from pipeline.progress import say
 from pipeline.search import study
-from pipeline.search.loop import count, open_study, run_study, work
+from pipeline.search.loop import count, open_study, run_study, run_trials
 from pipeline.search.outcome import assemble, checkpoint_config, record_outcome, select
 from pipeline.search.trials import TrialRunner
 from pipeline.tracking import lineage, logs, runs, store
@@ -41,12 +41,12 @@ def worker_main(params: Params, parent_run_id: str | None) -> None:
     if parent_run_id:
         store.setup(params.mlflow.experiment)
         runner = TrialRunner(params, parent_run_id)
-        ran = work(params, runner, open_study(params, name), worker)
+        ran = run_trials(params, open_study(params, name), runner.run_trial, worker)
     else:  # a worker on another machine: its own parent run holds its trials
         with runs.stage_run("finetune-worker", params.mlflow.experiment, {},
                                 tags={"optuna_study": name}) as mlrun:
             runner = TrialRunner(params, mlrun.info.run_id)
-            ran = work(params, runner, open_study(params, name), worker)
+            ran = run_trials(params, open_study(params, name), runner.run_trial, worker)
     say(f"worker: ran {ran} trial(s) of study {name}")
 
 
@@ -56,7 +56,7 @@ def main(params: Params, workers: int | None = None, params_path: Path = paths.P
     with runs.stage_run("finetune", params.mlflow.experiment, logged, tags={"optuna_study": name}) as mlrun:
         runner = TrialRunner(params, mlrun.info.run_id)
         s = open_study(params, name)
-        run_study(params, runner, s, workers or params.finetune.workers, params_path)
+        run_study(params, s, runner.run_trial, workers or params.finetune.workers, params_path, mlrun.info.run_id)
         ranked, members, decision = select(params, runner, s)
         save_checkpoint(paths.FINETUNED_DIR, assemble(runner, members).state_dict(),
                         checkpoint_config(runner, name, ranked[0], members))

@@ -9,7 +9,7 @@ from pipeline import paths
 from pipeline.atomic import write_json
 from pipeline.devices import Runtime, seed_everything
 from pipeline.model import features
-from pipeline.model.checkpoints import save_checkpoint
+from pipeline.model.checkpoints import model_config, save_checkpoint
 from pipeline.model.engine import patience_stopper, train
 from pipeline.model.heads import Head, TopModel
 from pipeline.params import Params
@@ -34,17 +34,7 @@ def run(params: Params) -> tuple[dict, list]:
         label_smoothing=h.label_smoothing, on_epoch=patience_stopper(h.patience),
     )
     head_state = {k.removeprefix("head."): v for k, v in best_state.items()}
-    config = {
-        "head_only": True,
-        "backbone": meta["backbone"],
-        "backbone_weights": meta["backbone_weights"],
-        "num_features": meta["num_features"],
-        "dropout": HEAD_DROPOUT,
-        "classes": meta["classes"],
-        "image_size": meta["image_size"],
-        "input_config": meta["input_config"],
-        "k": 0,
-    }
+    config = model_config(meta, 0, HEAD_DROPOUT, params.data.max_image_pixels, head_only=True)
     save_checkpoint(paths.HEAD_DIR, head_state, config)
     best = max(history, key=lambda r: (r.val_accuracy, -r.val_loss))
     return {"val_accuracy": best.val_accuracy, "val_loss": best.val_loss,

@@ -5,9 +5,9 @@ minimum accuracy gain."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from math import comb
 
 import numpy as np
+from scipy.stats import binomtest
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,9 @@ class Decision:
 
 def mcnemar_exact_p(b: int, c: int) -> float:
     """One-sided exact McNemar p-value: binomial tail P(X >= b), X ~ Bin(b + c, 1/2)."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    return sum(comb(n, i) for i in range(b, n + 1)) / 2**n
+    if b + c == 0:
+        return 1.0  # no discordant pair: no evidence either way
+    return float(binomtest(b, b + c, 0.5, alternative="greater").pvalue)
 
 
 def decide(

@@ -122,19 +122,13 @@ class RunLog:
 
 
 def _log_batch(run_id: str, metrics=(), params: dict | None = None, tags: dict | None = None) -> None:
-    """One store write per batch within MLflow's limits (1000 entries, 100 params and tags)."""
+    """One log_batch call; MLflow's client splits it into batches within the store's limits
+    (1000 entries, 100 params and tags per request)."""
     from mlflow.entities import Param, RunTag
 
-    metrics = list(metrics)
-    params_list = [Param(k, str(v)[:6000]) for k, v in sorted((params or {}).items())]
-    tags_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-    while metrics or params_list or tags_list:
-        batch_params, params_list = params_list[:100], params_list[100:]
-        batch_tags, tags_list = tags_list[: 100 - len(batch_params)], tags_list[100 - len(batch_params):]
-        room = 1000 - len(batch_params) - len(batch_tags)
-        batch_metrics, metrics = metrics[:room], metrics[room:]
-        client().log_batch(run_id, metrics=batch_metrics, params=batch_params, tags=batch_tags,
-                           synchronous=True)
+    client().log_batch(run_id, metrics=list(metrics),
+                       params=[Param(k, str(v)) for k, v in sorted((params or {}).items())],
+                       tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()], synchronous=True)
 
 
 def flatten(prefix: str, data: dict) -> dict:

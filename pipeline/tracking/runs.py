@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -69,44 +68,38 @@ def reap_dead_runs(experiment_id: str) -> int:
 
 @contextlib.contextmanager
 def stage_run(stage: str, experiment: str, params: dict, tags: dict | None = None) -> Iterator:
-    """An MLflow run for one stage; ends FINISHED, FAILED (exception) or KILLED (SIGTERM/^C)."""
+    """An MLflow run for one stage; ends FINISHED, FAILED (exception) or KILLED (SIGTERM/^C, which
+    the stage's loops raise at their next safe point: interrupts)."""
     import mlflow
 
-    experiment_id = setup(experiment)
-    reap_dead_runs(experiment_id)
-    previous = signal.signal(signal.SIGTERM, interrupts.raise_terminated)
-    try:
-        with _clock("calls"), interrupts.store_call():
-            # created with its owner tags in one write: a signal landing inside start_run leaves
-            # nothing _end_all_runs cannot find
-            run = mlflow.start_run(run_name=stage, tags={
-                "stage": stage, "git_commit": git_commit(), **process_tags(), **(tags or {})})
-        log_params(params)
-        yield run
-    except KeyboardInterrupt:  # ^C, or SIGTERM (Terminated)
-        _end_all_runs("KILLED", experiment_id)
-        raise
-    except BaseException:
-        _end_all_runs("FAILED", experiment_id)
-        raise
-    else:
+    with interrupts.stop_on_signals():
+        experiment_id = setup(experiment)
+        reap_dead_runs(experiment_id)
+        try:
+            with _clock("calls"):
+                run = mlflow.start_run(run_name=stage, tags={
+                    "stage": stage, "git_commit": git_commit(), **process_tags(), **(tags or {})})
+            log_params(params)
+            yield run
+        except KeyboardInterrupt:  # ^C, or SIGTERM (Terminated)
+            _end_all_runs("KILLED", experiment_id)
+            raise
+        except BaseException:
+            _end_all_runs("FAILED", experiment_id)
+            raise
         startup, calls = _overhead["startup"], _overhead["calls"]
         log_metrics({"tracking_overhead_seconds": startup + calls, "tracking_startup_seconds": startup,
                      "tracking_calls_seconds": calls})
-        with interrupts.store_call():
-            mlflow.end_run("FINISHED")
+        mlflow.end_run("FINISHED")
         print(f"{stage}: MLflow took {startup + calls:.2f}s of this stage (start-up {startup:.2f}s: "
               f"import + store; calls {calls:.2f}s)", flush=True)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _end_all_runs(status: str, experiment_id: str) -> None:
-    """End the stage run and any nested run still open above it (a signal can land between a
-    trial's start_run and its own handler), so none of this process's runs is left RUNNING."""
+    """End the stage run and any nested run still open above it, so none of this process's runs
+    is left RUNNING."""
     import mlflow
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this short
     while mlflow.active_run() is not None:
         mlflow.end_run(status)
     mine = f"attributes.status = 'RUNNING' and tags.host = '{socket.gethostname()}' and tags.pid = '{os.getpid()}'"

@@ -8,7 +8,6 @@ import os
 import time
 from collections.abc import Iterator
 
-from pipeline import interrupts
 from pipeline.errors import PipelineError
 from pipeline.paths import mlruns_dir
 
@@ -52,13 +51,12 @@ _import_mlflow()
 
 
 def timed(fn):
-    """Count the wall time of a tracking call, so each stage can report its MLflow overhead; a
-    SIGTERM arriving meanwhile is raised when it returns (interrupts)."""
+    """Count the wall time of a tracking call, so each stage can report its MLflow overhead."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _clock("calls"), interrupts.store_call():
+        with _clock("calls"):
             return fn(*args, **kwargs)
 
     return wrapper
