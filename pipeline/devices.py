@@ -47,8 +47,7 @@ def compiled(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
         return model
     # trials of different k share TopModel.forward: room for each k's train and eval graphs
     config = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
-    setattr(config, limit, max(getattr(config, limit), 64))
+    config.recompile_limit = max(config.recompile_limit, 64)
     return torch.compile(model)
 
 

@@ -77,7 +77,7 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
 def load_head(directory: Path) -> tuple[Head, dict]:
     """The head of a head-only checkpoint (train_head's), with its config."""
     config = read_config(directory)
-    head = Head(config["num_features"], len(config["classes"]), config.get("dropout", 0.0))
+    head = Head(config["num_features"], len(config["classes"]), config["dropout"])
     head.load_state_dict(read_weights(directory))
     return head, config
 
@@ -90,7 +90,7 @@ def load_classifier(directory: Path) -> tuple[Classifier | EnsembleClassifier, d
     """
     config = read_config(directory)
     state = read_weights(directory)
-    head = Head(config["num_features"], len(config["classes"]), config.get("dropout", 0.0))
+    head = Head(config["num_features"], len(config["classes"]), config["dropout"])
     if config.get("members"):  # an ensemble of fine-tuned top models on one frozen bottom
         backbone = build_backbone(config["backbone"], "none")
         top = TopModel.top_of(backbone, head, config["k"])

@@ -100,8 +100,17 @@ def _takes_a_slot(t: optuna.trial.FrozenTrial) -> bool:
 
 
 def next_slot(s: optuna.Study) -> int:
-    """The slot a new trial would fill: its number in an unbroken sequential study."""
-    return sum(_takes_a_slot(t) for t in s.get_trials(deepcopy=False))
+    """The slot the next asked trial fills: its number in an unbroken sequential study.
+
+    ask() first pops the oldest queued retry, which refills the slot of the trial it replaces —
+    so the sampler must be seeded for that slot, even when the killed trial died before it drew
+    any parameter (then the retry carries none and is sampled afresh, as in the unbroken study).
+    """
+    trials = s.get_trials(deepcopy=False)
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    if waiting:
+        return logical_number(s, min(waiting, key=lambda t: t._trial_id).number)
+    return sum(_takes_a_slot(t) for t in trials)
 
 
 def logical_number(s: optuna.Study, number: int) -> int:

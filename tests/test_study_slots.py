@@ -1,0 +1,39 @@
+"""Trials are seeded by their slot, so a study resumed after a kill draws what an unbroken one would."""
+
+import optuna
+from conftest import ROOT
+from optuna.trial import TrialState
+
+from pipeline.params import load_params
+from pipeline.search import storage, study
+
+
+def test_a_trial_killed_before_drawing_parameters_is_retried_in_its_own_slot(tmp_path):
+    """SIGKILL between ask() and the first suggest leaves a FAIL trial with no parameters: its
+    retry must still be sampled as slot 0 (the fault suite caught it drawing slot 1's)."""
+    params = load_params(ROOT / "params.yaml")
+    s = optuna.create_study(storage=storage.make_storage(f"sqlite:///{tmp_path}/optuna.db"),
+                            direction="maximize")
+    killed = s.ask()
+    s.tell(killed, state=TrialState.FAIL)
+    storage.close_and_retry(s, s.trials[0])  # what the next run does for a dead worker's trial
+    assert study.next_slot(s) == 0
+
+    s.sampler = study.make_sampler(params, study.next_slot(s))
+    retry = s.ask()
+    assert retry.number == 1 and study.logical_number(s, retry.number) == 0
+    unbroken = optuna.create_study(direction="maximize", sampler=study.make_sampler(params, 0))
+    assert study.suggest(retry, params) == study.suggest(unbroken.ask(), params)
+    assert retry.params["k"] == params.finetune.max_unfreeze  # slot 0 tries the deepest k
+
+
+def test_a_new_trial_takes_the_next_slot(tmp_path):
+    params = load_params(ROOT / "params.yaml")
+    s = optuna.create_study(storage=storage.make_storage(f"sqlite:///{tmp_path}/optuna.db"),
+                            direction="maximize")
+    for expected in range(3):
+        assert study.next_slot(s) == expected
+        s.sampler = study.make_sampler(params, expected)
+        trial = s.ask()
+        study.suggest(trial, params)
+        s.tell(trial, 0.5)
