@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup run test lint clean-state
+.PHONY: setup run test test-fast lint clean-state
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ run: setup
 # fixture run in one worker (tests/conftest.py); `pytest -n 0` runs everything in one process.
 test: setup
 	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadgroup
+
+# The contributors' loop: everything but `slow` (no stage subprocess, dvc or server: tests/conftest.py
+# fails an unmarked test that starts one). Under a minute on the 2-core development machine.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" -n auto --maxprocesses 4 --dist loadgroup
 
 lint: setup
 	$(BIN)/ruff check pipeline tests

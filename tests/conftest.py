@@ -5,9 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -138,3 +142,148 @@ def pytest_collection_modifyitems(config, items):
         if groups:
             (group,) = groups  # a test needing two groups' fixtures would build one of them twice
             item.add_marker(pytest.mark.xdist_group(group))
+
+
+# --- the cost rule: `-m "not slow"` (`make test-fast`) starts no stage, dvc or server ----------
+# A test that starts `dvc`, a pipeline stage or another Python interpreter it launches itself
+# (`python -m pipeline ...`, `python -c <probe>`), an MLflow / Optuna-dashboard / web server, or
+# PostgreSQL is marked `@pytest.mark.slow`. `fault` does not imply slow: most of the fault suite is
+# cheap bad-input checks that belong in the fast loop, so a fault test that starts one of these
+# carries both marks. Enforced, not by hand: while a test not marked slow runs (its fixtures
+# included), starting such a program, or listening on a socket, fails it with "mark this test
+# slow: it starts ...", and a fixture seen starting one (reference_run, trained_head, ...) fails
+# every unmarked test that requests it, cached or not.
+# Allowed in fast tests: cheap helper programs — `git` (init, rev-parse, commit), `actionlint`, the
+# compiler and tools torch.compile calls — and interpreters that libraries start themselves.
+SLOW_PROGRAMS = {"dvc", "mlflow", "optuna", "optuna-dashboard", "gunicorn", "uvicorn", "waitress-serve",
+                 "postgres", "pg_ctl", "pg_ctlcluster", "initdb", "docker"}
+SLOW_MODULES = {"pipeline", "dvc", "mlflow", "optuna", "optuna_dashboard", "gunicorn", "uvicorn", "waitress"}
+_PYTHON = re.compile(r"python[0-9.]*")
+_TESTS = Path(__file__).resolve().parent
+_STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+def slow_command(argv: list[str], from_tests: bool) -> str | None:
+    """What makes this command slow-only (its first words), or None when it is cheap.
+    from_tests: a test (or a conftest helper) starts it, not a library the test calls."""
+    if not argv:
+        return None
+    program = Path(argv[0]).name
+    if program in SLOW_PROGRAMS:
+        return " ".join([program, *argv[1:3]])
+    if program in ("sh", "bash") and "-c" in argv[:-1]:
+        return slow_command(shlex.split(argv[argv.index("-c") + 1]), from_tests)
+    if _PYTHON.fullmatch(program) or argv[0] == sys.executable:
+        if "-m" in argv[:-1] and argv[argv.index("-m") + 1].split(".")[0] in SLOW_MODULES:
+            return " ".join(["python", *argv[argv.index("-m"):][:3]])
+        if from_tests:  # a fresh interpreter importing the project: seconds each
+            return " ".join(["python", *(a if len(a) < 40 else "<script>" for a in argv[1:3])])
+    return None
+
+
+def _argv(args) -> list[str]:
+    if isinstance(args, str):
+        try:
+            return shlex.split(args)
+        except ValueError:
+            return [args]
+    if isinstance(args, bytes | os.PathLike):
+        return [os.fsdecode(args)]
+    return [os.fsdecode(a) for a in args]
+
+
+def _in_stdlib(filename: str) -> bool:
+    path = Path(filename).resolve()
+    return filename.startswith("<frozen ") or (
+        path.is_relative_to(_STDLIB) and not {"site-packages", "dist-packages"} & set(path.parts))
+
+
+def _started_by_tests() -> bool:
+    """Is the nearest caller outside the standard library (subprocess.run, os.popen, ...) a test?"""
+    frame = sys._getframe(2)  # above popen_init
+    while frame is not None and _in_stdlib(frame.f_code.co_filename):
+        frame = frame.f_back
+    return frame is not None and Path(frame.f_code.co_filename).resolve().is_relative_to(_TESTS)
+
+
+class CostGuard:
+    """Installed for the whole session (each xdist worker has its own); strict only while a test
+    not marked slow runs."""
+
+    def __init__(self):
+        self.strict_for: str | None = None  # nodeid of the unmarked test running now
+        self.fixtures: list[str] = []  # fixtures being set up now (innermost last)
+        self.slow_fixtures: dict[str, str] = {}  # fixture name → what it was seen starting
+        self._popen_init = subprocess.Popen.__init__
+        self._listen = socket.socket.listen
+
+    def install(self) -> None:
+        guard = self
+
+        def popen_init(popen, args, *rest, **kwargs):
+            what = slow_command(_argv(args), _started_by_tests())
+            if what is not None:
+                popen._child_created = False  # nothing started: Popen.__del__ has nothing to reap
+                guard.started(what)
+            guard._popen_init(popen, args, *rest, **kwargs)
+
+        def listen(sock, *args):
+            guard.started(f"a server (listening on {sock.getsockname()})")
+            return guard._listen(sock, *args)
+
+        subprocess.Popen.__init__ = popen_init
+        socket.socket.listen = listen
+
+    def uninstall(self) -> None:
+        subprocess.Popen.__init__ = self._popen_init
+        socket.socket.listen = self._listen
+
+    def started(self, what: str) -> None:
+        for name in self.fixtures:
+            self.slow_fixtures.setdefault(name, what)
+        if self.strict_for is not None:
+            pytest.fail(f"mark this test slow: it starts `{what}`", pytrace=False)
+
+
+COST_GUARD = CostGuard()
+
+
+def pytest_configure(config):
+    COST_GUARD.install()
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:  # N workers on C cores: C/N torch threads each (more: OpenMP spin-waits on busy cores)
+        import torch
+
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(workers)))
+
+
+def pytest_unconfigure(config):
+    COST_GUARD.uninstall()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    COST_GUARD.strict_for = None if item.get_closest_marker("slow") else item.nodeid
+    try:
+        return (yield)
+    finally:
+        COST_GUARD.strict_for = None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if COST_GUARD.strict_for is None:
+        return
+    for name in item.fixturenames:
+        if name in COST_GUARD.slow_fixtures:
+            pytest.fail(f"mark this test slow: its fixture {name} starts `{COST_GUARD.slow_fixtures[name]}`",
+                        pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    COST_GUARD.fixtures.append(fixturedef.argname)
+    try:
+        return (yield)
+    finally:
+        COST_GUARD.fixtures.pop()

@@ -5,7 +5,8 @@ import sys
 import pytest
 from conftest import ROOT
 
-pytestmark = pytest.mark.fault  # bad input: part of the fault suite
+# bad input: part of the fault suite; slow: each starts `python -m pipeline`
+pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
 
 def test_help_lists_stages_and_commands():

@@ -15,7 +15,7 @@ import time
 import pytest
 from conftest import BIN, fingerprint, make_project, project_env, run
 
-pytestmark = pytest.mark.fault
+pytestmark = [pytest.mark.fault, pytest.mark.slow]  # whole `dvc repro` runs
 
 DVC = str(BIN / "dvc")
 # (where to interrupt, latest kill in seconds after it starts): each kill lands at a uniformly

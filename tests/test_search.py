@@ -60,6 +60,7 @@ def mlflow_statuses(project: Path) -> Counter:
 
 
 @pytest.mark.fault
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume(trained_head, tmp_path):
     """SIGKILL finetune 5 times at random moments; the next run ends with exactly N finished
     (complete or pruned) trials, none RUNNING in Optuna, none RUNNING in MLflow."""
@@ -81,6 +82,7 @@ def test_sigkill_at_random_points_then_resume(trained_head, tmp_path):
 
 
 @pytest.mark.fault
+@pytest.mark.slow
 def test_four_workers_start_together_on_a_new_store(trained_head, tmp_path):
     n = 6
     project = copy_project(trained_head, tmp_path / "p", {"n_trials": n})
@@ -100,6 +102,7 @@ def postgres_url() -> str | None:
 
 
 @pytest.mark.fault
+@pytest.mark.slow
 @pytest.mark.skipif(postgres_url() is None,
                     reason="no PostgreSQL server: set PIPELINE_TEST_POSTGRES (.ci/run starts one)")
 def test_two_workers_share_a_postgres_study(trained_head, tmp_path):
@@ -128,8 +131,8 @@ def test_pruned_and_failed_trials_in_mlflow(trained_head, tmp_path, monkeypatch)
     """A pruned trial ends KILLED with pruned_at_epoch; a failed one FAILED with the error."""
     import mlflow
 
+    from pipeline.model import features
     from pipeline.params import load_params
-    from pipeline.stages import finetune
     from pipeline.tracking import store
 
     project = copy_project(trained_head, tmp_path / "p", {"n_trials": 1, "epochs": 2})
@@ -143,7 +146,7 @@ def test_pruned_and_failed_trials_in_mlflow(trained_head, tmp_path, monkeypatch)
         with pytest.raises(optuna.TrialPruned):
             runner.run_trial(s.ask())
         broken = s.ask()
-        monkeypatch.setattr(finetune.features, "source", lambda *a: 1 / 0)
+        monkeypatch.setattr(features, "source", lambda *a: 1 / 0)
         with pytest.raises(ZeroDivisionError):
             runner.run_trial(broken)
     client = store.client()
@@ -221,6 +224,7 @@ def test_live_fallback_feeds_the_same_inputs_and_trains(trained_head, tmp_path, 
 
 
 @pytest.mark.fault
+@pytest.mark.slow
 def test_sigterm_ends_runs_killed_not_running(trained_head, tmp_path):
     """SIGTERM (what CI runners and `kill` send) mid-study: the stage run and the trial's run end
     KILLED, the Optuna trial FAIL; nothing is left RUNNING."""

@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import ROOT, project_env
 
-pytestmark = pytest.mark.fault
+pytestmark = [pytest.mark.fault, pytest.mark.slow]  # slow: each probe is a fresh interpreter with MLflow
 
 
 def last_line_printed_by(script: str, project, *args: str) -> str:

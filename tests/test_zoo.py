@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data.datasets import scan_source, validate_files
-from pipeline.data.images import UnusableImage, decode_image
+from pipeline.data.images import UnusableImage, content_hash, decode_image
 from pipeline.errors import PipelineError
 
 pytestmark = pytest.mark.fault
@@ -29,9 +29,21 @@ def solid(colour, mode="RGB", size=(40, 40)) -> Image.Image:
     return Image.new(mode, size, colour)
 
 
-def test_png_bytes_named_jpg_are_read_by_content():
-    data = encode(solid((10, 200, 30)), "PNG")
-    assert (decode_image(data, SIZE, 10**8).pixels == (10, 200, 30)).all()
+def test_png_bytes_named_jpg_are_accepted_by_content(tmp_path):
+    """A PNG saved under a .jpg name (a renamed download): prepare's validation goes by the bytes,
+    not the extension — accepted as the lossless PNG it is, nothing quarantined or converted."""
+    root = tmp_path / "data"
+    png = encode(solid((10, 200, 30)), "PNG")
+    make_tree(root, {"green/leaf.jpg": png, "red/apple.jpg": encode(solid((200, 10, 10)), "JPEG", quality=95)})
+    assert (root / "green" / "leaf.jpg").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    classes, files, ignored = scan_source(root)
+    result = validate_files(root, files, SIZE, 10**8)
+    assert classes == ["green", "red"] and ignored == []
+    assert result.quarantined == [] and result.duplicates == []
+    leaf = next(a for a in result.accepted if a.relative == "green/leaf.jpg")
+    assert leaf.label == "green" and (leaf.width, leaf.height) == (40, 40)
+    assert leaf.sha256 == content_hash(png) and leaf.conversions == []
+    assert (leaf.pixels == (10, 200, 30)).all()  # exact: decoded as PNG, not through a JPEG decoder
 
 
 def test_cmyk_jpeg_becomes_rgb():
