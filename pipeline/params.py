@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,12 +115,22 @@ _PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _PRUNERS = ("median", "hyperband", "none")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-05` — how DVC writes `-S key=[1e-5, ...]` back
+    into params.yaml — as a string; here it is the number it is."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
 def load_params(path: Path) -> Params:
     """Read and validate params.yaml; every problem is a PipelineError naming the key."""
     if not path.is_file():
         raise PipelineError(f"{path}: not found — run from the project root or create params.yaml")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as exc:
         raise PipelineError(f"{path}: not valid YAML ({exc}) — fix the syntax") from None
     params = _build(Params, raw, "")

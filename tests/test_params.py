@@ -47,3 +47,14 @@ def test_bad_params_name_the_key(tmp_path, mutate, needle):
 def test_missing_file_is_clear(tmp_path):
     with pytest.raises(PipelineError, match="not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_exponent_floats_as_dvc_writes_them_are_numbers(tmp_path):
+    """`dvc exp run -S finetune.weight_decay=[1.0e-05,0.001]` writes `1e-05` back, which PyYAML
+    alone reads as a string."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["finetune"]["weight_decay"] = "WEIGHT_DECAY"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params).replace("WEIGHT_DECAY", "[1e-05, 0.001]"))
+    assert yaml.safe_load(path.read_text())["finetune"]["weight_decay"][0] == "1e-05"  # PyYAML's reading
+    assert load_params(path).finetune.weight_decay == (pytest.approx(1e-5), pytest.approx(1e-3))

@@ -120,7 +120,10 @@ def test_retrain_pulls_reproduces_what_changed_pushes_and_registers(tmp_path):
     assert "Stages re-run: shapes, prepare" in summary and "## Promotion decision" in summary
     assert "![" not in summary  # images live in the artifact, not the job summary
     evaluate_run = json.loads((project / "metrics/runs/evaluate.json").read_text())["run_id"]
-    logged = {a.path for a in client.list_artifacts(evaluate_run, "report")}
+    # the report is logged to the pipeline run, the run its stage runs are nested under
+    pipeline_run = client.get_run(evaluate_run).data.tags["mlflow.parentRunId"]
+    assert client.get_run(pipeline_run).data.tags["stage"] == "pipeline"
+    logged = {a.path for a in client.list_artifacts(pipeline_run, "report")}
     assert "report/report.md" in logged and "report/confusion.png" in logged
     commit(project, "retrain 1 results")
 

@@ -89,6 +89,16 @@ def run_link(run_id: str | None, experiment_id: str | None) -> str:
     return f"`{run_id}`"
 
 
+def compare_hint(experiment_id: str | None) -> str:
+    """Where a reader compares the pipeline runs: MLflow's model-training view of the experiment."""
+    uri = store.tracking_uri()
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if uri.startswith("http"):
+        return f"Compare the pipeline runs at {uri.rstrip('/')}/{page}."
+    return (f"Compare the pipeline runs: `mlflow ui --backend-store-uri {store_name(uri)}`, then open "
+            f"`http://127.0.0.1:5000/{page}` (one row per pipeline run; tick two and press Compare).")
+
+
 def store_name(uri: str) -> str:
     """The tracking store as a reader can use it: a local store relative to the project, never
     this machine's absolute path (a server URL as is)."""
@@ -115,8 +125,8 @@ def shipping_section(selection: dict) -> list[str]:
     return lines + table(["trial", "k", "val accuracy per seed", "mean", "in the ensemble"], rows) + [""]
 
 
-def build(params: Params) -> tuple[str, str | None]:
-    """Write the images and return (markdown, evaluate run id)."""
+def build(params: Params, pipeline_run_id: str) -> str:
+    """Write the images and return the markdown."""
     evaluation = read_json(paths.stage_metrics("evaluate"))
     per_class = read_json(paths.METRICS_DIR / "per_class.json")
     decision = read_json(paths.DECISION)
@@ -205,8 +215,9 @@ def build(params: Params) -> tuple[str, str | None]:
     experiment_id = experiment.experiment_id if experiment else None
     stages = ("prepare", "extract", "train_head", "finetune", "evaluate")
     lines += ["## MLflow", "", f"Registered model `models:/{decision['model']}/{decision['version']}`; "
-              f"tracking store `{store_name(store.tracking_uri())}`.", ""]
+              f"tracking store `{store_name(store.tracking_uri())}`. {compare_hint(experiment_id)}", ""]
     lines += table(["run", "MLflow run id"],
-                   [[f"stage {s}", run_link(lineage.recorded_run(s), experiment_id)] for s in stages]
+                   [["pipeline (compare these)", run_link(pipeline_run_id, experiment_id)]]
+                   + [[f"stage {s}", run_link(lineage.recorded_run(s), experiment_id)] for s in stages]
                    + [[f"best trial {config['trial']}", run_link(config.get("trial_run_id"), experiment_id)]])
-    return "\n".join(lines) + "\n", lineage.recorded_run("evaluate")
+    return "\n".join(lines) + "\n"

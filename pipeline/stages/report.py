@@ -1,28 +1,36 @@
-"""Stage report: reports/report.md with its images (pipeline/reporting), and the same folder
-logged to the evaluate run in MLflow."""
+"""Stage report: the pipeline run — one MLflow run per pipeline run, carrying every param, the
+headline metrics and reports/report.md with its images (pipeline/reporting), with this repro's
+stage runs as its children (pipeline/tracking/pipeline_run.py)."""
 
 from __future__ import annotations
 
-from mlflow.exceptions import MlflowException
+import json
 
 from pipeline import paths
 from pipeline.atomic import write_text
+from pipeline.data import holdout
 from pipeline.params import Params
 from pipeline.progress import say
 from pipeline.reporting.markdown import build
-from pipeline.tracking import store
+from pipeline.tracking import lineage, logs, pipeline_run, runs
 
 
 def main(params: Params) -> None:
-    store.setup(params.mlflow.experiment)
-    if paths.REPORT_DIR.exists():  # only this run's images
-        for stale in paths.REPORT_DIR.glob("*.png"):
+    metrics = {stage: json.loads(paths.stage_metrics(stage).read_text())
+               for stage in ("evaluate", "finetune", "train_head")}
+    decision = json.loads(paths.DECISION.read_text())
+    stage_runs = {stage: lineage.recorded_run(stage) for stage in pipeline_run.STAGES}
+    tags = pipeline_run.context_tags(decision, holdout.data_hash(), stage_runs)
+    with runs.stage_run("pipeline", params.mlflow.experiment, pipeline_run.flat_params(params), tags,
+                        run_name=pipeline_run.run_name(runs.git_commit())) as mlrun:
+        for stale in paths.REPORT_DIR.glob("*.png"):  # only this run's images
             stale.unlink()
-    markdown, evaluate_run = build(params)
-    write_text(paths.REPORT, markdown)
-    try:
-        if evaluate_run:
-            store.client().log_artifacts(evaluate_run, str(paths.REPORT_DIR), "report")
-    except MlflowException:  # the evaluate run lives in another store (outputs pulled from a remote)
-        evaluate_run = None
-    say(f"report: wrote {paths.REPORT}" + (f" and logged it to MLflow run {evaluate_run}" if evaluate_run else ""))
+        write_text(paths.REPORT, build(params, mlrun.info.run_id))
+        logs.log_metrics({**pipeline_run.headline_metrics(metrics["evaluate"], metrics["finetune"],
+                                                          metrics["train_head"], decision),
+                          **pipeline_run.stage_seconds(stage_runs)})
+        logs.log_artifacts(str(paths.REPORT_DIR), "report")
+        adopted = pipeline_run.adopt_stage_runs(mlrun.info.experiment_id, mlrun.info.run_id)
+        pipeline_run.link_version(decision, mlrun.info.run_id)
+    say(f"report: wrote {paths.REPORT}; pipeline run {mlrun.info.run_id} holds every param, the headline "
+        f"metrics and the report, with {adopted} stage run(s) of this repro beneath it")

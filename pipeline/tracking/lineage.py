@@ -16,7 +16,7 @@ from pipeline.tracking.runs import git_commit
 
 ORDER = ("git_commit", "data_hash", "params_hash", "backbone", "unfrozen_blocks", "optuna_study",
          "optuna_trial", "trial_run_id", "prepare_run_id", "extract_run_id", "train_head_run_id",
-         "finetune_run_id", "evaluate_run_id", "test_split_hash", "test_accuracy", "weights_sha256")
+         "finetune_run_id", "evaluate_run_id", "pipeline_run_id", "test_split_hash", "test_accuracy", "weights_sha256")
 
 
 def describe(name: str, version: str) -> str:

@@ -53,11 +53,11 @@ def log_artifact(path: str) -> None:
 
 
 @timed
-def log_artifacts(folder: str) -> None:
-    """Every file of a folder, at the run's artifact root."""
+def log_artifacts(folder: str, artifact_path: str | None = None) -> None:
+    """Every file of a folder, at the run's artifact root (or under artifact_path)."""
     import mlflow
 
-    mlflow.log_artifacts(folder)
+    mlflow.log_artifacts(folder, artifact_path)
 
 
 @timed

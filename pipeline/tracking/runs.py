@@ -67,7 +67,8 @@ def reap_dead_runs(experiment_id: str) -> int:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, experiment: str, params: dict, tags: dict | None = None) -> Iterator:
+def stage_run(stage: str, experiment: str, params: dict, tags: dict | None = None,
+              run_name: str | None = None) -> Iterator:
     """An MLflow run for one stage; ends FINISHED, FAILED (exception) or KILLED (SIGTERM/^C, which
     the stage's loops raise at their next safe point: interrupts)."""
     import mlflow
@@ -77,8 +78,9 @@ def stage_run(stage: str, experiment: str, params: dict, tags: dict | None = Non
         reap_dead_runs(experiment_id)
         try:
             with _clock("calls"):
-                run = mlflow.start_run(run_name=stage, tags={
-                    "stage": stage, "git_commit": git_commit(), **process_tags(), **(tags or {})})
+                run = mlflow.start_run(run_name=run_name or stage, tags={
+                    "stage": stage, "git_commit": git_commit(), **process_tags(),
+                    "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""), **(tags or {})})
             log_params(params)
             yield run
         except KeyboardInterrupt:  # ^C, or SIGTERM (Terminated)

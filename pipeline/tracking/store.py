@@ -100,6 +100,11 @@ def store_lock():
     return FileLock(str(mlruns_dir() / ".create.lock"), timeout=120)
 
 
+# MLflow's UI opens an experiment in the view its kind names (the values its UI source accepts
+# include genai_development and custom_model_development); unset, it guesses — GenAI, here
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def setup(experiment: str) -> str:
     """Point mlflow at our store and experiment; return the experiment id. Fails fast, clearly."""
     with _clock("startup"):  # the first call opens (or creates) the store
@@ -115,9 +120,12 @@ def _setup(experiment: str) -> str:
             found = mlflow.get_experiment_by_name(experiment)
             if found is None:
                 location = None if uri.startswith("http") else artifact_root()
-                exp_id = mlflow.create_experiment(experiment, artifact_location=location)
+                exp_id = mlflow.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_KIND)
             else:
                 exp_id = found.experiment_id
+                for key, value in EXPERIMENT_KIND.items():
+                    if key not in found.tags:  # made before this release, or by MLflow itself
+                        client().set_experiment_tag(exp_id, key, value)
     except Exception as exc:
         raise PipelineError(
             f"MLflow tracking store {uri} is unreachable ({type(exc).__name__}) — start the server "
