@@ -15,9 +15,12 @@ experiment's `mlflow.experimentKind` tag, which store.setup still sets for the U
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import asdict
+
+from mlflow.exceptions import MlflowException
 
 from pipeline.tracking import logs, store
 
@@ -70,13 +73,16 @@ def context_tags(decision: dict, data_hash: str, stage_run_ids: dict[str, str | 
 
 @store.timed
 def stage_seconds(run_ids: dict[str, str | None]) -> dict[str, float]:
-    """Wall seconds of each stage's recorded run (`seconds.finetune`)."""
+    """Wall seconds of each stage's recorded run (`seconds.finetune`); a run this store lacks
+    (outputs pulled from a DVC remote, runs in another store) is left out."""
     out = {}
     for stage, run_id in run_ids.items():
-        if run_id:
-            info = store.client().get_run(run_id).info
-            if info.end_time:
-                out[f"seconds.{stage}"] = (info.end_time - info.start_time) / 1000
+        try:
+            info = store.client().get_run(run_id).info if run_id else None
+        except MlflowException:
+            continue
+        if info and info.end_time:
+            out[f"seconds.{stage}"] = (info.end_time - info.start_time) / 1000
     return out
 
 
@@ -101,5 +107,10 @@ def adopt_stage_runs(experiment_id: str, parent_run_id: str) -> int:
 
 @store.timed
 def link_version(decision: dict, run_id: str) -> None:
-    """The registered version names the pipeline run that made it (lineage, and the UI's link)."""
-    store.client().set_model_version_tag(decision["model"], str(decision["version"]), "pipeline_run_id", run_id)
+    """The registered version names the pipeline run that made it (lineage, and the UI's link):
+    the first one — a later run that registered nothing new leaves it. Nothing when this store's
+    registry lacks the version (evaluate ran against another store)."""
+    name, version = decision["model"], str(decision["version"])
+    with contextlib.suppress(MlflowException):
+        if "pipeline_run_id" not in store.client().get_model_version(name, version).tags:
+            store.client().set_model_version_tag(name, version, "pipeline_run_id", run_id)
