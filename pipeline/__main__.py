@@ -15,6 +15,7 @@ STAGES = {
     "shapes": "generate the built-in shapes data set (data/shapes)",
     "prepare": "validate, quarantine, split and decode the images",
     "extract": "cache frozen-backbone features and activations",
+    "audit": "find suspected label errors and near-duplicates across splits (data/audit)",
     "train_head": "train the head on cached features (feature extraction)",
     "finetune": "Optuna search over unfrozen blocks and learning rates",
     "evaluate": "score on the test images, register in MLflow",
@@ -44,6 +45,17 @@ def block_counts(text: str) -> list[int]:
     if min(counts) < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of block counts like 0,1,2,4")
     return counts
+
+
+def fractions(text: str) -> list[float]:
+    """argparse type: comma-separated fractions in (0, 1), e.g. 0.02,0.05."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = [-1.0]
+    if not all(0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of fractions like 0.02,0.05")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
                            help="skip the run on noise-perturbed activations")
     stability.add_argument("--keep", type=Path, default=None,
                            help="keep each run's scratch project under this folder (default: a temp dir)")
+    noise = commands.add_parser(
+        "noise-bench", help="plant label noise in the training images; print the audit's precision and recall "
+                            "and the shipped model's test accuracy with audit.action report vs exclude")
+    noise.add_argument("--rates", type=fractions, default="0.02,0.05,0.1",
+                       help="comma-separated fractions of training images to relabel (default 0.02,0.05,0.1)")
+    noise.add_argument("--compare-at", type=float, default=0.05,
+                       help="rate at which to run the whole pipeline with report and with exclude (default 0.05)")
+    noise.add_argument("--no-compare", dest="compare", action="store_false",
+                       help="only measure detection (seconds, not minutes)")
+    noise.add_argument("--keep", type=Path, default=None, help="keep the scratch projects under this folder")
     retrain = commands.add_parser(
         "retrain", help="what CI runs: dvc pull, dvc repro (register + gate + report), dvc push, summary")
     retrain.add_argument("--remote", default=None, help="DVC remote (default: the project's default remote)")
@@ -97,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
                               "or a checkpoint folder such as models/finetuned")
     predict.add_argument("--output", type=Path, default=None, help="CSV path (default: stdout)")
     predict.add_argument("paths", nargs="+", type=Path, help="image files or folders")
+    export = commands.add_parser(
+        "export", help="write a model as ONNX (preprocessing inside, metadata) after checking it against PyTorch")
+    export.add_argument("--model", default=None,
+                        help='checkpoint folder or MLflow model URI, e.g. "models:/transfer-classifier@champion" '
+                             "(default: the model this project ships, per metrics/selection.json)")
+    export.add_argument("--out", type=Path, default=None,
+                        help="ONNX file to write; onnx_parity.json goes next to it (default: models/onnx/model.onnx)")
+    export.add_argument("--images", type=Path, default=None,
+                        help="folder of images to check parity on (default: the project's test split)")
     return parser
 
 
@@ -127,6 +158,10 @@ def run_command(args: argparse.Namespace) -> None:
         from pipeline.tools.stability import main as stability_main
 
         stability_main(args.seeds, args.noise, args.keep)
+    elif args.command == "noise-bench":
+        from pipeline.tools.noise_bench import main as noise_main
+
+        noise_main(args.rates, args.compare_at if args.compare else None, keep=args.keep)
     elif args.command == "retrain":
         from pipeline.tools.retrain import main as retrain_main
 
@@ -141,6 +176,11 @@ def run_command(args: argparse.Namespace) -> None:
         from pipeline.serving.predict import main as predict_main
 
         predict_main(args.model, args.paths, args.output)
+    elif args.command == "export":
+        from pipeline.serving.export import DEFAULT_OUT
+        from pipeline.serving.export import main as export_main
+
+        export_main(args.model, args.out or DEFAULT_OUT, args.images)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,15 @@ class ExtractParams:
 
 
 @dataclass(frozen=True)
+class AuditParams:
+    action: str
+    folds: int
+    regularization: float
+    filter_by: str
+    duplicate_similarity: float
+
+
+@dataclass(frozen=True)
 class TrainHeadParams:
     epochs: int
     batch_size: int
@@ -105,6 +114,7 @@ class Params:
     shapes: ShapesParams
     backbone: BackboneParams
     extract: ExtractParams
+    audit: AuditParams
     train_head: TrainHeadParams
     finetune: FinetuneParams
     evaluate: EvaluateParams
@@ -113,6 +123,8 @@ class Params:
 
 _PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _PRUNERS = ("median", "hyperband", "none")
+_AUDIT_ACTIONS = ("report", "exclude")
+_AUDIT_FILTERS = ("both", "prune_by_noise_rate", "prune_by_class", "confident_learning", "predicted_neq_given")
 
 
 class _Loader(yaml.SafeLoader):
@@ -236,6 +248,13 @@ def _check_ranges(p: Params) -> None:
     require(e.cache_blocks >= 0, "extract.cache_blocks", "must be 0 or more", e.cache_blocks)
     require(e.precision in _PRECISIONS, "extract.precision", f"must be one of {_PRECISIONS}",
             e.precision)
+    a = p.audit
+    require(a.action in _AUDIT_ACTIONS, "audit.action", f"must be one of {_AUDIT_ACTIONS}", a.action)
+    require(a.folds >= 2, "audit.folds", "must be 2 or more", a.folds)
+    require(a.regularization > 0, "audit.regularization", "must be positive", a.regularization)
+    require(a.filter_by in _AUDIT_FILTERS, "audit.filter_by", f"must be one of {_AUDIT_FILTERS}", a.filter_by)
+    require(0 < a.duplicate_similarity <= 1, "audit.duplicate_similarity", "must be in (0, 1]",
+            a.duplicate_similarity)
     h = p.train_head
     require(h.epochs >= 1, "train_head.epochs", "must be positive", h.epochs)
     require(h.batch_size >= 1, "train_head.batch_size", "must be positive", h.batch_size)

@@ -24,6 +24,11 @@ PREPARE_REPORT = PREPARED_DIR / "report.json"
 FEATURES_DIR = Path("data/features")
 FEATURES_META = FEATURES_DIR / "meta.json"
 
+AUDIT_DIR = Path("data/audit")
+LABEL_ISSUES = AUDIT_DIR / "label_issues.csv"  # suspected mislabelled train/val images, worst first
+NEAR_DUPLICATES = AUDIT_DIR / "near_duplicates.csv"  # pairs of near-identical images, cross-split first
+EXCLUDED = AUDIT_DIR / "excluded.json"  # training images train_head/finetune leave out (audit.action)
+
 HEAD_DIR = Path("models/head")
 FINETUNED_DIR = Path("models/finetuned")
 

@@ -12,8 +12,8 @@ pytestmark = [pytest.mark.fault, pytest.mark.slow]
 def test_help_lists_stages_and_commands():
     out = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True,
                          text=True, cwd=ROOT, check=True).stdout
-    for command in ("shapes", "prepare", "extract", "train_head", "finetune", "evaluate",
-                    "predict"):
+    for command in ("shapes", "prepare", "extract", "audit", "train_head", "finetune", "evaluate",
+                    "predict", "export", "noise-bench"):
         assert command in out
 
 

@@ -54,7 +54,7 @@ def fresh_accuracy(project: Path, checkpoint: Path) -> float:
 def test_pipeline_end_to_end(reference_run):
     project, first_output, _ = reference_run
     assert ran_stages(first_output) == {
-        "shapes", "prepare", "extract", "train_head", "finetune", "evaluate", "report"
+        "shapes", "prepare", "extract", "audit", "train_head", "finetune", "evaluate", "report"
     }
     assert "head-only accuracy" in first_output and "fine-tuned accuracy" in first_output
 
@@ -99,7 +99,7 @@ def test_pipeline_end_to_end(reference_run):
     experiment = client.get_experiment_by_name("transfer-pipeline")
     runs = client.search_runs([experiment.experiment_id], max_results=200)
     stages = [r.data.tags.get("stage") for r in runs]
-    STAGE_RUNS = ("prepare", "extract", "train_head", "finetune", "evaluate")
+    STAGE_RUNS = ("prepare", "extract", "audit", "train_head", "finetune", "evaluate")
     for stage in STAGE_RUNS:
         assert stage in stages
     for r in runs:  # every stage logs what MLflow cost it: start-up (import, store) and calls

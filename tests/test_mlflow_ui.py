@@ -74,7 +74,7 @@ def test_one_run_per_pipeline_run_carries_params_metrics_and_its_stages(two_pipe
     parent_of = {r.info.run_id: r.data.tags.get("mlflow.parentRunId") for r in found}
     stage_of = {r.info.run_id: r.data.tags.get("stage") for r in found}
     for run_id, stage in stage_of.items():
-        if stage in ("prepare", "extract", "train_head", "finetune", "evaluate"):
+        if stage in ("prepare", "extract", "audit", "train_head", "finetune", "evaluate"):
             assert stage_of[parent_of[run_id]] == "pipeline", (stage, run_id)
         if stage in ("finetune-trial", "finetune-rescore"):
             assert stage_of[parent_of[run_id]] == "finetune"

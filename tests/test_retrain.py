@@ -17,7 +17,7 @@ from conftest import BIN, ROOT, make_project, run
 
 DVC = str(BIN / "dvc")
 WORKFLOW = ROOT / ".github" / "workflows" / "retrain.yml"
-ALL_STAGES = ["shapes", "prepare", "extract", "train_head", "finetune", "evaluate", "report"]
+ALL_STAGES = ["shapes", "prepare", "extract", "audit", "train_head", "finetune", "evaluate", "report"]
 
 
 def actionlint(path: Path) -> subprocess.CompletedProcess:

@@ -25,9 +25,11 @@ class EpochResult:
 class ArraySource:
     """Training inputs: an (N, V, ...) array (memmap fine); each epoch reads one view per item."""
 
-    def __init__(self, array: np.ndarray, labels: np.ndarray):
+    def __init__(self, array: np.ndarray, labels: np.ndarray, positions: np.ndarray | None = None):
+        """positions: the rows of `array` to train on (default all); a subset stays memory-mapped."""
         self.array = array
-        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.positions = np.arange(len(labels)) if positions is None else np.asarray(positions)
+        self.labels = torch.as_tensor(np.asarray(labels)[self.positions], dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -38,7 +40,7 @@ class ArraySource:
 
     def batch(self, indices: np.ndarray, views: np.ndarray | None) -> torch.Tensor:
         order = np.argsort(indices)  # sorted reads are sequential on a memmap
-        rows = indices[order]
+        rows = self.positions[indices[order]]
         picked = self.array[rows, views[order] if views is not None else 0]
         out = torch.empty((len(indices), *picked.shape[1:]), dtype=torch.float32)
         out[torch.as_tensor(order)] = torch.as_tensor(np.ascontiguousarray(picked)).float()

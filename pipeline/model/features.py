@@ -30,6 +30,18 @@ def rows(split: str) -> np.ndarray:
     return np.load(paths.FEATURES_DIR / f"{split}_rows.npy")
 
 
+def used_positions(split: str) -> np.ndarray:
+    """Positions of the split's images that training uses: all but those the audit stage
+    excluded (audit.action: exclude), which only ever come from the train split."""
+    all_positions = np.arange(len(labels(split)))
+    if split != "train":
+        return all_positions
+    if not paths.EXCLUDED.is_file():
+        raise PipelineError(f"{paths.EXCLUDED} is missing — run `dvc repro audit` first")
+    excluded = set(json.loads(paths.EXCLUDED.read_text())["rows"])
+    return all_positions[~np.isin(rows(split), list(excluded))]
+
+
 def source(split: str, k: int) -> ArraySource:
     """Inputs for a model that trains the top k blocks: pooled features (k=0) or cut k."""
     path = paths.pooled_features(split) if k == 0 else paths.cut_activations(split, k)
@@ -37,7 +49,7 @@ def source(split: str, k: int) -> ArraySource:
         raise PipelineError(
             f"{path} is missing — k={k} needs extract.cache_blocks >= {k}; raise it and re-run"
         )
-    return ArraySource(np.load(path, mmap_mode="r"), labels(split))
+    return ArraySource(np.load(path, mmap_mode="r"), labels(split), used_positions(split))
 
 
 class LiveSource:
@@ -52,8 +64,9 @@ class LiveSource:
 
     def __init__(self, split: str, k: int, backbone: Backbone, runtime: Runtime, augment: bool, seed: int):
         self.images = np.load(paths.IMAGES, mmap_mode="r")
-        self.rows = rows(split)
-        self.labels = torch.as_tensor(labels(split), dtype=torch.long)
+        used = used_positions(split)
+        self.rows = rows(split)[used]
+        self.labels = torch.as_tensor(labels(split)[used], dtype=torch.long)
         self.k, self.backbone, self.runtime, self.augment = k, backbone, runtime, augment
         self.generator = torch.Generator().manual_seed(seed)
         self.stop = backbone.cut(k)

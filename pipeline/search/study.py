@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 
 from pipeline.code_digest import code_digest
 from pipeline.params import Params
-from pipeline.paths import FEATURES_DIR, HEAD_DIR
+from pipeline.paths import EXCLUDED, FEATURES_DIR, HEAD_DIR
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,11 @@ class TrialConfig:
 
 
 def inputs_digest() -> str:
-    """sha256 of what trials train on — every file extract cached and the trained head — so a
-    change in how they are computed (not only in params) starts a new study."""
+    """sha256 of what trials train on — every file extract cached, the trained head and the list of
+    images the audit excluded — so a change in how they are computed (not only in params) starts a
+    new study."""
     digest = hashlib.sha256()
-    for path in sorted([*FEATURES_DIR.iterdir(), *HEAD_DIR.iterdir()]):
+    for path in sorted([*FEATURES_DIR.iterdir(), *HEAD_DIR.iterdir(), EXCLUDED]):
         digest.update(path.as_posix().encode())
         with path.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):

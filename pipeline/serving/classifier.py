@@ -22,7 +22,7 @@ from PIL import Image
 
 from pipeline import interrupts
 from pipeline.data.images import DEFAULT_MAX_IMAGE_PIXELS, UnusableImage, decode_image, fit_to_square
-from pipeline.devices import select_runtime
+from pipeline.devices import Runtime, select_runtime
 from pipeline.errors import PipelineError
 from pipeline.model.backbones import normalize
 from pipeline.model.checkpoints import load_classifier
@@ -54,13 +54,15 @@ def image_bytes(value) -> bytes:
 class ImageClassifier:
     """Plain object so predict/tests can use it without MLflow; the pyfunc wraps it."""
 
-    def __init__(self, checkpoint_dir: Path):
+    def __init__(self, checkpoint_dir: Path, runtime: Runtime | None = None):
+        """runtime: where and in what precision to run (default: this machine's fastest); the ONNX
+        parity check asks for the CPU in fp32, as onnxruntime runs the export."""
         self.model, self.config = load_classifier(Path(checkpoint_dir))
         self.classes = self.config["classes"]
         self.size = self.config["image_size"]
         # the decompression-bomb cap prepare used; older checkpoints predate the key
         self.max_pixels = int(self.config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
-        self.runtime = select_runtime("auto")
+        self.runtime = runtime or select_runtime("auto")
         self.model = self.model.to(self.runtime.device).to(memory_format=torch.channels_last)
 
     def pixels_from(self, model_input) -> np.ndarray:

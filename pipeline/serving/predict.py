@@ -31,8 +31,13 @@ def collect(paths: list[Path]) -> list[Path]:
 
 def load(model: str) -> ImageClassifier:
     """A checkpoint folder, or an MLflow model URI whose artifacts hold one."""
+    return ImageClassifier(checkpoint_folder(model))
+
+
+def checkpoint_folder(model: str) -> Path:
+    """The checkpoint folder itself, or the one inside a downloaded MLflow model URI's artifacts."""
     if Path(model).is_dir():
-        return ImageClassifier(Path(model))
+        return Path(model)
     import mlflow
 
     store.setup_uri()
@@ -43,7 +48,7 @@ def load(model: str) -> ImageClassifier:
     found = list(local.rglob("model.json"))
     if not found:
         raise PipelineError(f"{model} holds no pipeline checkpoint (model.json)")
-    return ImageClassifier(found[0].parent)
+    return found[0].parent
 
 
 def main(model: str, paths: list[Path], output: Path | None, batch_size: int = 64) -> None:

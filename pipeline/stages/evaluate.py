@@ -20,6 +20,7 @@ from pipeline.model.checkpoints import load_classifier, save_checkpoint
 from pipeline.model.metrics import classification_report
 from pipeline.params import Params, params_hash
 from pipeline.progress import say
+from pipeline.serving import onnx_export
 from pipeline.serving.classifier import MODEL_CODE, PIP_REQUIREMENTS, ImageClassifier, input_example, to_png_bytes
 from pipeline.tracking import gate, lineage, logs, registry, runs
 
@@ -155,7 +156,12 @@ def register_shipped(params: Params, scores: TestScores, tmp: Path, run_id: str)
         return decision, tags
 
     pyfunc = registry.Pyfunc(MODEL_CODE, PIP_REQUIREMENTS, input_example(to_png_bytes(scores.pixels[0])))
-    return registry.register(e.model_name, folder, weights_sha, pyfunc, judge, paths.PROMOTION_LOG)
+    # exported before registering: a model whose ONNX file disagrees with it is not registered
+    onnx = onnx_export.export_checked(folder, tmp / "onnx" / onnx_export.ONNX_FILE, scores.pixels)
+    record, message = registry.register(e.model_name, folder, weights_sha, pyfunc, judge, paths.PROMOTION_LOG)
+    registry.attach_to_version(e.model_name, record["version"], tmp / "onnx", "onnx", onnx.tags())
+    logs.log_metrics(onnx.metrics())
+    return record, f"{message}\nevaluate: {onnx.summary()} (logged as onnx/{onnx_export.ONNX_FILE})"
 
 
 def score_champion(champion, scores: TestScores, tmp: Path, batch_size: int):

@@ -69,19 +69,25 @@ def scratch_project(root: Path, params: dict, seed: int, noise: bool) -> Path:
         perturb_features(paths.FEATURES_DIR, root / paths.FEATURES_DIR, seed)
     else:
         shutil.copytree(paths.FEATURES_DIR, root / paths.FEATURES_DIR)
+    shutil.copytree(paths.AUDIT_DIR, root / paths.AUDIT_DIR)  # which training images to leave out
     return root
 
 
-def run_from_train_head(project: Path, label: str, seed: int) -> Outcome:
+def run_stages(project: Path, stages, label: str) -> float:
+    """Run the stage commands in a scratch project with its own stores; seconds taken."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "OPTUNA_STORAGE")}
     env |= {"PIPELINE_HOME": str(project), "PIPELINE_QUIET": "1"}
     start = time.perf_counter()
-    for stage in STAGES:
+    for stage in stages:
         result = subprocess.run([sys.executable, "-m", "pipeline", stage], cwd=project, env=env,
                                 capture_output=True, text=True)
         if result.returncode != 0:
-            raise PipelineError(f"stability: {stage} failed in run {label} (seed {seed}):\n{result.stderr[-2000:]}")
-    seconds = time.perf_counter() - start
+            raise PipelineError(f"{stage} failed in run {label}:\n{result.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def run_from_train_head(project: Path, label: str, seed: int) -> Outcome:
+    seconds = run_stages(project, STAGES, f"{label} (seed {seed})")
     evaluate = json.loads((project / paths.stage_metrics("evaluate")).read_text())
     finetune = json.loads((project / paths.stage_metrics("finetune")).read_text())
     return Outcome(label, seed, evaluate["head_only"]["accuracy"], evaluate["shipped"]["model"],
@@ -115,8 +121,8 @@ def verdict(seeded: list[Outcome], twin: Outcome | None) -> str:
 
 
 def main(seeds: list[int], noise: bool = True, keep: Path | None = None) -> None:
-    if not paths.FEATURES_META.is_file() or not paths.IMAGES.is_file():
-        raise PipelineError("stability needs the prepared data and cached features — run `dvc repro extract` first")
+    if not paths.FEATURES_META.is_file() or not paths.IMAGES.is_file() or not paths.EXCLUDED.is_file():
+        raise PipelineError("stability needs the prepared data and cached features — run `dvc repro audit` first")
     params = yaml.safe_load(paths.PARAMS.read_text())
     plan = [(f"seed {s}", s, False) for s in seeds] + ([(f"seed {seeds[0]} + bf16 noise", seeds[0], True)]
                                                         if noise else [])

@@ -56,7 +56,7 @@ def recorded_run(stage: str) -> str | None:
     return json.loads(path.read_text()).get("run_id")
 
 
-STAGES_BEFORE_EVALUATE = ("prepare", "extract", "train_head", "finetune")
+STAGES_BEFORE_EVALUATE = ("prepare", "extract", "audit", "train_head", "finetune")
 
 
 def version_tags(config: dict, shipped: str, data_hash: str, params_hash: str, test_split_hash: str,

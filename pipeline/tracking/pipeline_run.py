@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.tracking import logs, store
 
-STAGES = ("prepare", "extract", "train_head", "finetune", "evaluate")
+STAGES = ("prepare", "extract", "audit", "train_head", "finetune", "evaluate")
 PARENT_TAG = "mlflow.parentRunId"
 
 

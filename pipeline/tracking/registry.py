@@ -93,6 +93,18 @@ def download_checkpoint(version, target: Path) -> Path:
     return found[0].parent
 
 
+@store.timed
+def attach_to_version(name: str, version: int | str, folder: Path, artifact_path: str, tags: dict[str, str]) -> None:
+    """Log a folder as artifacts of the run that registered the version (on a re-run too, when that
+    run is an earlier one) and tag the version: what was derived from it (the ONNX export) travels
+    with it."""
+    client = store.client()
+    run_id = client.get_model_version(name, str(version)).run_id
+    client.log_artifacts(run_id, str(folder), artifact_path)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+
+
 def register(name: str, checkpoint_dir: Path, weights_sha256: str, pyfunc: Pyfunc, judge: Judge,
              promotion_log: Path) -> tuple[dict, str]:
     """Register the checkpoint with the gate's decision, then move the aliases.

@@ -1,0 +1,1 @@
+"""Data audit: suspected label errors and near-duplicate images, found on extract's cached features."""
