@@ -42,6 +42,9 @@ CONFIG_FILE = "model.json"
 SELECTION = METRICS_DIR / "selection.json"  # finetune: the chosen configuration and which model ships
 DECISION = METRICS_DIR / "decision.json"  # the gate's decision for the evaluated model, with evidence
 PROMOTION_LOG = METRICS_DIR / "promotions.jsonl"  # append-only: every gate decision and its evidence
+CALIBRATION = METRICS_DIR / "calibration.json"  # evaluate: the shipped model's temperature, ECE/NLL before/after
+RELIABILITY_FIGURE = PLOTS_DIR / "reliability.png"  # evaluate's figures; the report shows them
+SALIENCY_FIGURE = PLOTS_DIR / "saliency.png"
 RUNS_DIR = METRICS_DIR / "runs"  # MLflow run id per stage; kept out of outputs that are deps
 
 

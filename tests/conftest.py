@@ -130,7 +130,7 @@ def second_clean_run(tmp_path_factory) -> tuple[Path, dict]:
 # `make test` runs the suite in parallel (pytest-xdist, --dist loadgroup). Tests sharing an
 # expensive fixture (a whole `dvc repro`) go to one worker, so each is built once.
 SHARED_FIXTURE_GROUPS = {"reference_run": "clean_runs", "second_clean_run": "clean_runs",
-                         "trained_head": "trained_head"}
+                         "trained_head": "trained_head", "audited": "audited"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups

@@ -12,12 +12,12 @@ import pandas as pd
 from pipeline import paths
 
 
-def load() -> tuple[pd.DataFrame, np.ndarray]:
-    """(test rows of the manifest in file order, their (N, S, S, 3) uint8 pixels)."""
+def load(split: str = "test") -> tuple[pd.DataFrame, np.ndarray]:
+    """(the split's rows of the manifest in file order, their (N, S, S, 3) uint8 pixels)."""
     manifest = pd.read_csv(paths.MANIFEST)
-    test = manifest[manifest.split == "test"].reset_index(drop=True)
+    rows = manifest[manifest.split == split].reset_index(drop=True)
     images = np.load(paths.IMAGES, mmap_mode="r")
-    return test, np.asarray(images[test["index"].to_numpy()])
+    return rows, np.asarray(images[rows["index"].to_numpy()])
 
 
 def split_hash(test: pd.DataFrame) -> str:

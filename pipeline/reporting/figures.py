@@ -77,17 +77,23 @@ def training_curves(curves: dict[str, list[dict]]):
 
 def misclassified_grid(pixels: np.ndarray, true: list[str], predicted: list[str], names: list[str]):
     """Up to MAX_MISCLASSIFIED images, each titled 'true → predicted' and its file name."""
+    return image_grid(pixels, [f"{t} → {p}\n{name[:24]}" for t, p, name in zip(true, predicted, names, strict=False)],
+                      "no misclassified test images")
+
+
+def image_grid(pixels: np.ndarray, titles: list[str], empty: str, columns: int = 6):
+    """Up to MAX_MISCLASSIFIED images in rows of `columns`, each with its title; `empty` when none."""
     plt = _pyplot()
     n = min(len(pixels), MAX_MISCLASSIFIED)
-    columns = min(6, max(n, 1))
+    columns = min(columns, max(n, 1))
     rows = max(1, -(-n // columns))
     figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, t, p, name in zip(axes.flat, pixels[:n], true, predicted, names, strict=False):
+    for ax, image, title in zip(axes.flat, pixels[:n], titles, strict=False):
         ax.imshow(image)
-        ax.set_title(f"{t} → {p}\n{name[:24]}", fontsize=8)
+        ax.set_title(title, fontsize=8)
     if n == 0:
-        axes[0][0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+        axes[0][0].text(0.5, 0.5, empty, ha="center", va="center")
     figure.tight_layout()
     return figure

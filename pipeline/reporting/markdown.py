@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,57 @@ def shipping_section(selection: dict) -> list[str]:
     return lines + table(["trial", "k", "val accuracy per seed", "mean", "in the ensemble"], rows) + [""]
 
 
+def audit_section(manifest: pd.DataFrame, images: np.ndarray, out: Path) -> list[str]:
+    """What the audit stage found, and what `exclude` left out of training."""
+    counts = read_json(paths.stage_metrics("audit"))
+    excluded = read_json(paths.EXCLUDED)
+    issues, pairs = pd.read_csv(paths.LABEL_ISSUES), pd.read_csv(paths.NEAR_DUPLICATES)
+    lines = ["## Data audit", "",
+             f"{counts['label_issues']} of {counts['images_audited']} train/val images are suspected label errors "
+             f"(cleanlab confident learning on out-of-fold probabilities, accuracy "
+             f"{fmt(counts['out_of_fold_accuracy'], 3)}); {counts['cross_split_pairs']} near-duplicate pair(s) "
+             f"straddle splits ({counts['train_test_pairs']} train/test, {counts['train_val_pairs']} train/val, "
+             f"{counts['val_test_pairs']} val/test) of {counts['near_duplicate_pairs']} found. Lists: "
+             f"`{paths.LABEL_ISSUES}`, `{paths.NEAR_DUPLICATES}`.", ""]
+    if excluded["action"] == "exclude":
+        names = ", ".join(f"`{e['path']}`" for e in excluded["images"][:20])
+        more = f" and {len(excluded['images']) - 20} more" if len(excluded["images"]) > 20 else ""
+        lines += [f"**audit.action: exclude** — {len(excluded['images'])} training image(s) left out of train_head "
+                  f"and finetune (val and test untouched; `{paths.EXCLUDED}` says why): {names or 'none'}{more}.", ""]
+    else:
+        lines += [f"audit.action: report — nothing was left out; `exclude` would leave out "
+                  f"{counts['would_exclude_train_images']} training image(s).", ""]
+    pixels_of = dict(zip(manifest.path, manifest["index"], strict=True))
+    top = issues.head(figures.MAX_MISCLASSIFIED)
+    figures.save(figures.image_grid(
+        images[[pixels_of[p] for p in top.path]],
+        [f"{r.given} → {r.suggested} ({r.label_quality:.2f})\n{r.path.rsplit('/', 1)[-1][:24]}"
+         for r in top.itertuples()],
+        "no suspected label errors"), out / "label_issues.png")
+    lines += ["Top suspects (given → suggested, label quality):", "", "![suspected label errors](label_issues.png)", ""]
+    cross = pairs[pairs.cross_split].head(figures.MAX_MISCLASSIFIED // 2)
+    if len(cross):
+        ends = [e for r in cross.itertuples() for e in ((r.path_a, r.split_a), (r.path_b, r.split_b))]
+        figures.save(figures.image_grid(
+            images[[pixels_of[p] for p, _ in ends]], [f"{split}: {p.rsplit('/', 1)[-1][:20]}" for p, split in ends],
+            "", columns=6), out / "near_duplicates.png")
+        lines += ["Near-duplicates across splits (side by side):", "",
+                  "![cross-split near-duplicates](near_duplicates.png)", ""]
+    return lines
+
+
+def calibration_section(out: Path) -> list[str]:
+    c = read_json(paths.CALIBRATION)
+    shutil.copy(paths.RELIABILITY_FIGURE, out / paths.RELIABILITY_FIGURE.name)
+    return ["## Calibration (shipped model, test images)", "",
+            f"Temperature scaling fitted on the validation images: T = {c['temperature']:.3f}. The registered "
+            "model (pyfunc and ONNX) returns the calibrated probabilities; accuracy is unchanged.", ""] + table(
+        ["", "uncalibrated", "calibrated"],
+        [["expected calibration error (15 bins)", fmt(c["ece_before"]), fmt(c["ece_after"])],
+         ["negative log-likelihood", fmt(c["nll_before"]), fmt(c["nll_after"])]]) + [
+        "", f"![reliability diagram]({paths.RELIABILITY_FIGURE.name})", ""]
+
+
 def build(params: Params, pipeline_run_id: str) -> str:
     """Write the images and return the markdown."""
     evaluation = read_json(paths.stage_metrics("evaluate"))
@@ -210,10 +262,17 @@ def build(params: Params, pipeline_run_id: str) -> str:
               f"{len(wrong)} of {len(test)} test images are misclassified by the fine-tuned model"
               f"{f'; the first {shown} are shown' if len(wrong) > shown else ''}.", "",
               "![misclassified test images](misclassified.png)", ""]
+    shutil.copy(paths.SALIENCY_FIGURE, out / paths.SALIENCY_FIGURE.name)
+    lines += ["## Where the shipped model looks (Grad-CAM)", "",
+              "Misclassified test images first, then correctly classified ones (given → predicted, probability); "
+              "warm colours drove the predicted class.", "", f"![Grad-CAM]({paths.SALIENCY_FIGURE.name})", ""]
+    lines += calibration_section(out)
+    manifest = pd.read_csv(paths.MANIFEST)
+    lines += audit_section(manifest, np.load(paths.IMAGES, mmap_mode="r"), out)
 
     experiment = store.client().get_experiment_by_name(params.mlflow.experiment)
     experiment_id = experiment.experiment_id if experiment else None
-    stages = ("prepare", "extract", "train_head", "finetune", "evaluate")
+    stages = ("prepare", "extract", "audit", "train_head", "finetune", "evaluate")
     lines += ["## MLflow", "", f"Registered model `models:/{decision['model']}/{decision['version']}`; "
               f"tracking store `{store_name(store.tracking_uri())}`. {compare_hint(experiment_id)}", ""]
     lines += table(["run", "MLflow run id"],

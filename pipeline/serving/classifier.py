@@ -63,6 +63,8 @@ class ImageClassifier:
         # the decompression-bomb cap prepare used; older checkpoints predate the key
         self.max_pixels = int(self.config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
         self.runtime = runtime or select_runtime("auto")
+        # temperature scaling fitted by evaluate on the validation images (1: an uncalibrated checkpoint)
+        self.temperature = float(self.config.get("temperature", 1.0))
         self.model = self.model.to(self.runtime.device).to(memory_format=torch.channels_last)
 
     def pixels_from(self, model_input) -> np.ndarray:
@@ -98,7 +100,7 @@ class ImageClassifier:
                           self.config["input_config"])
             with self.runtime.autocast():
                 logits = self.model(self.runtime.to_input(x))
-            chunks.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+            chunks.append(torch.softmax(logits.float() / self.temperature, dim=1).cpu().numpy())
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes)))
 
     def predict(self, model_input) -> pd.DataFrame:

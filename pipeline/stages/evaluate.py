@@ -16,10 +16,19 @@ import pandas as pd
 from pipeline import paths
 from pipeline.atomic import write_json, write_text
 from pipeline.data import holdout
+from pipeline.model.calibration import (
+    CalibrationSummary,
+    fit_temperature,
+    logits_from_probabilities,
+    summarize_calibration,
+)
 from pipeline.model.checkpoints import load_classifier, save_checkpoint
 from pipeline.model.metrics import classification_report
 from pipeline.params import Params, params_hash
 from pipeline.progress import say
+from pipeline.reporting import figures
+from pipeline.reporting.calibration_plot import calibration_diagram
+from pipeline.reporting.saliency import MAX_SALIENCY_IMAGES, saliency_grid
 from pipeline.serving import onnx_export
 from pipeline.serving.classifier import MODEL_CODE, PIP_REQUIREMENTS, ImageClassifier, input_example, to_png_bytes
 from pipeline.tracking import gate, lineage, logs, registry, runs
@@ -33,6 +42,7 @@ class Scored:
     config: dict
     predicted: np.ndarray  # (N,) class index per test image
     report: dict  # classification_report
+    probabilities: np.ndarray  # (N, classes)
 
 
 @dataclass
@@ -51,11 +61,12 @@ class TestScores:
 
 def main(params: Params) -> None:
     scores = score_test_split(params.evaluate.batch_size)
-    write_per_image_outputs(scores)
+    calibration = calibrate(scores, params.evaluate.batch_size)
+    write_per_image_outputs(scores, calibration)
     logged = logs.flatten("evaluate", vars(params.evaluate))
     with tempfile.TemporaryDirectory() as tmp, runs.stage_run("evaluate", params.mlflow.experiment, logged) as mlrun:
-        log_scores(scores)
-        record, message = register_shipped(params, scores, Path(tmp), mlrun.info.run_id)
+        log_scores(scores, calibration)
+        record, message = register_shipped(params, scores, calibration.temperature, Path(tmp), mlrun.info.run_id)
         lineage.record_run("evaluate", mlrun.info.run_id)
     write_json(paths.stage_metrics("evaluate"), summary(scores, record))
     write_json(paths.DECISION, record)
@@ -64,12 +75,26 @@ def main(params: Params) -> None:
         f"(macro-F1 {head['macro_f1']:.4f}), fine-tuned accuracy {ft['accuracy']:.4f} "
         f"(macro-F1 {ft['macro_f1']:.4f})\n"
         f"evaluate: ships {scores.shipped} (test accuracy {scores.ship.report['accuracy']:.4f}) — "
-        f"chosen on validation: {scores.why}\n{message}")
+        f"chosen on validation: {scores.why}\n"
+        f"evaluate: temperature {calibration.temperature:.3f} (fitted on validation): test ECE "
+        f"{calibration.ece_before:.4f} → {calibration.ece_after:.4f}, NLL {calibration.nll_before:.4f} → "
+        f"{calibration.nll_after:.4f}\n{message}")
 
 
 def score(classifier: ImageClassifier, pixels: np.ndarray, labels: np.ndarray, batch_size: int):
-    predicted = classifier.probabilities(pixels, batch_size).argmax(axis=1)
-    return predicted, classification_report(labels, predicted, classifier.classes)
+    probabilities = classifier.probabilities(pixels, batch_size)
+    predicted = probabilities.argmax(axis=1)
+    return predicted, classification_report(labels, predicted, classifier.classes), probabilities
+
+
+def calibrate(scores: TestScores, batch_size: int) -> CalibrationSummary:
+    """Temperature scaling of the shipped model: T fitted on the validation images (never test),
+    then judged on test. The probabilities are what serving computes; log p are valid logits for
+    an ensemble's averaged probabilities too."""
+    val, val_pixels = holdout.load("val")
+    val_probabilities = ImageClassifier(scores.ship.folder).probabilities(val_pixels, batch_size)
+    temperature = fit_temperature(logits_from_probabilities(val_probabilities), val.label_index.to_numpy())
+    return summarize_calibration(logits_from_probabilities(scores.ship.probabilities), scores.labels, temperature)
 
 
 def score_test_split(batch_size: int) -> TestScores:
@@ -105,17 +130,34 @@ def summary(scores: TestScores, record: dict) -> dict:
     return out
 
 
-def write_per_image_outputs(scores: TestScores) -> None:
-    """Per-class metrics and the confusion plots of both models."""
+def write_per_image_outputs(scores: TestScores, calibration: CalibrationSummary) -> None:
+    """Per-class metrics, the confusion plots of both models, calibration and saliency."""
     write_json(paths.METRICS_DIR / "per_class.json",
                {name: scored.report["per_class"] for name, scored in scores.models.items()})
+    write_json(paths.CALIBRATION, {**calibration.metrics(), "model": scores.shipped})
+    write_json(paths.PLOTS_DIR / "reliability.json",
+               [{**row, "curve": curve} for curve, bins in (("uncalibrated", calibration.bins_before),
+                                                             ("calibrated", calibration.bins_after))
+                for row in bins.rows()])
+    figures.save(calibration_diagram(calibration), paths.RELIABILITY_FIGURE)
+    figures.save(saliency_figure(scores), paths.SALIENCY_FIGURE)
     for name, scored in scores.models.items():
         classes = scored.config["classes"]
         rows = pd.DataFrame({"actual": scores.test.label, "predicted": [classes[i] for i in scored.predicted]})
         write_text(paths.PLOTS_DIR / f"confusion_{name}.csv", rows.to_csv(index=False))
 
 
-def log_scores(scores: TestScores) -> None:
+def saliency_figure(scores: TestScores):
+    """Grad-CAM of the shipped model on the first misclassified and correctly classified test images."""
+    right = scores.ship.predicted == scores.labels
+    half = MAX_SALIENCY_IMAGES // 2
+    wrong_first = np.concatenate([np.flatnonzero(~right)[:half], np.flatnonzero(right)])[:MAX_SALIENCY_IMAGES]
+    model, config = load_classifier(scores.ship.folder)  # CPU, fp32: gradients of the served weights
+    return saliency_grid(model, scores.pixels[wrong_first], scores.labels[wrong_first],
+                         scores.ship.predicted[wrong_first], config["classes"], config["input_config"])
+
+
+def log_scores(scores: TestScores, calibration: CalibrationSummary) -> None:
     ft, head = scores.models["finetuned"].report, scores.models["head_only"].report
     logs.log_metrics({
         "shipped_test_accuracy": scores.ship.report["accuracy"],
@@ -123,25 +165,28 @@ def log_scores(scores: TestScores) -> None:
         "test_accuracy": ft["accuracy"], "test_macro_f1": ft["macro_f1"],
         "head_only_test_accuracy": head["accuracy"], "head_only_test_macro_f1": head["macro_f1"],
         "finetune_gain": ft["accuracy"] - head["accuracy"],
+        **{f"calibration_{k}": v for k, v in calibration.metrics().items()},
     })
     logs.log_dict({"finetuned": ft, "head_only": head}, "evaluation.json")
+    logs.log_artifact(str(paths.RELIABILITY_FIGURE))
+    logs.log_artifact(str(paths.SALIENCY_FIGURE))
     logs.set_tags({"shipped": scores.shipped})
 
 
-def self_contained(folder: Path, out: Path) -> Path:
-    """A checkpoint holding every weight. A head-only one stores just the head and names where
-    its backbone's weights come from; registered as is, serving it would need that download."""
+def registered_checkpoint(folder: Path, temperature: float, out: Path) -> Path:
+    """The checkpoint to register: every weight (a head-only one stores just the head and names
+    where its backbone's weights come from; serving it would need that download) and the
+    temperature in model.json, so the pyfunc and the ONNX file return calibrated probabilities."""
     model, config = load_classifier(folder)
-    if not config.get("head_only"):
-        return folder
-    save_checkpoint(out, model.state_dict(), {**config, "head_only": False})
+    save_checkpoint(out, model.state_dict(), {**config, "head_only": False, "temperature": temperature})
     return out
 
 
-def register_shipped(params: Params, scores: TestScores, tmp: Path, run_id: str) -> tuple[dict, str]:
+def register_shipped(params: Params, scores: TestScores, temperature: float, tmp: Path,
+                     run_id: str) -> tuple[dict, str]:
     """Register the shipped model, judged against the champion on these test images."""
     e = params.evaluate
-    folder = self_contained(scores.ship.folder, tmp / "checkpoint")
+    folder = registered_checkpoint(scores.ship.folder, temperature, tmp / "checkpoint")
     weights_sha = hashlib.sha256((folder / paths.WEIGHTS_FILE).read_bytes()).hexdigest()
     test_hash = holdout.split_hash(scores.test)
     correct = scores.ship.predicted == scores.labels
@@ -172,5 +217,5 @@ def score_champion(champion, scores: TestScores, tmp: Path, batch_size: int):
     model = ImageClassifier(registry.download_checkpoint(champion, tmp / "champion"))
     if model.classes != scores.ship.config["classes"]:
         return None, None
-    predicted, report = score(model, scores.pixels, scores.labels, batch_size)
+    predicted, report, _ = score(model, scores.pixels, scores.labels, batch_size)
     return report, predicted == scores.labels
