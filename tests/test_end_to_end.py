@@ -77,6 +77,15 @@ def test_pipeline_end_to_end(reference_run):
     assert config["classes"] == ["circle", "square", "triangle"]
     assert config["backbone"] == "tf_efficientnet_lite0" and 0 <= config["k"] <= 2
 
+    # the report's sections of the audit, calibration and saliency, with their images
+    text = (project / "reports/report.md").read_text()
+    for heading in ("## Data audit", "## Calibration", "(Grad-CAM)"):
+        assert heading in text
+    for image in ("label_issues.png", "reliability.png", "saliency.png"):
+        assert (project / "reports" / image).stat().st_size > 1000 and f"]({image})" in text
+    calibration = json.loads((project / "metrics/calibration.json").read_text())
+    assert calibration["temperature"] > 0 and calibration["ece_after"] >= 0
+
     # nothing changed: nothing re-runs
     second = run([DVC, "repro"], project)
     assert ran_stages(second.stdout) == set()

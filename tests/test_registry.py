@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import BIN, project_env, run
 from PIL import Image
 
@@ -117,6 +118,36 @@ def test_predicts_the_same_from_bytes_base64_and_arrays(registered, monkeypatch)
         np.testing.assert_allclose(np.stack(frame.probabilities), np.stack(from_bytes.probabilities),
                                    atol=1e-4)
     assert model.metadata.signature is not None
+
+
+@pytest.mark.slow
+def test_the_registered_model_returns_probabilities_calibrated_on_validation(registered, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipeline.serving.classifier import ImageClassifier
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(registered))
+    mlflow.set_tracking_uri(tracking_uri(registered))
+    mlflow.set_registry_uri(tracking_uri(registered))
+    calibration = json.loads((registered / "metrics/calibration.json").read_text())
+    report = (registered / "reports/report.md").read_text()
+    # T is fitted on val and judged on test: where that made test NLL worse, the report says so
+    assert (calibration["nll_after"] > calibration["nll_before"]) == ("raised the test NLL" in report)
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    served = model.unwrap_python_model().classifier
+    assert served.temperature == pytest.approx(calibration["temperature"]) and served.temperature != 1.0
+    shipped = json.loads((registered / "metrics/selection.json").read_text())["shipped"]
+    raw = ImageClassifier(registered / "models" / ("head" if shipped == "head_only" else "finetuned"))
+    assert raw.temperature == 1.0  # the stage outputs stay as trained; the registered copy carries T
+    path, _ = a_test_image(registered)
+    pixels = raw.pixels_from(pd.DataFrame({"image": [path.read_bytes()]}))
+    expected = torch.softmax(torch.log(torch.from_numpy(raw.probabilities(pixels))) / served.temperature, dim=1)
+    np.testing.assert_allclose(served.probabilities(pixels), expected.numpy(), atol=1e-3)
+    version = MlflowClient(tracking_uri(registered)).get_model_version_by_alias(MODEL, "champion")
+    assert float(version.tags["onnx.top1_agreement"]) >= 0.999
+    onnx_files = {a.path for a in MlflowClient(tracking_uri(registered)).list_artifacts(version.run_id, "onnx")}
+    assert "onnx/model.onnx" in onnx_files
 
 
 def free_port() -> int:
