@@ -103,7 +103,7 @@ def split_files(setup: Setup, split: str) -> tuple[list[Path], np.ndarray]:
     return [root / p for p in rows.path], rows.label_index.to_numpy()
 
 
-def naive_extraction(setup: Setup, backbone) -> float:
+def naive_extraction(setup: Setup, backbone, device: torch.device) -> float:
     files, labels = split_files(setup, "train")
     loader = torch.utils.data.DataLoader(
         FileDataset(files, labels, naive_transforms(setup.size, backbone.input_config, False)),
@@ -111,14 +111,18 @@ def naive_extraction(setup: Setup, backbone) -> float:
     started = time.perf_counter()
     with torch.no_grad():
         for x, _ in loader:
-            backbone(x)
+            backbone(x.to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the last batch's kernels are part of the time
     return len(files) / (time.perf_counter() - started)
 
 
 def naive_trial(setup: Setup, backbone, head: Head, config: study.TrialConfig, epochs: int, seed: int,
                 report=None) -> float:
-    """Full forward every step; the frozen part only has requires_grad=False."""
+    """Full forward every step, fp32 NCHW on the same device as ours; the frozen part only has
+    requires_grad=False."""
     seed_everything(seed)
+    device = next(backbone.parameters()).device
     f = setup.params.finetune
     model = Classifier(copy.deepcopy(backbone), copy.deepcopy(head))
     freeze_all_but_top(model.backbone.blocks, config.k, f.bn_train)
@@ -140,6 +144,7 @@ def naive_trial(setup: Setup, backbone, head: Head, config: study.TrialConfig, e
         model.head.train()
         freeze_all_but_top(model.backbone.blocks, config.k, f.bn_train)
         for x, y in train_loader:
+            x, y = x.to(device), y.to(device)
             loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -149,7 +154,7 @@ def naive_trial(setup: Setup, backbone, head: Head, config: study.TrialConfig, e
         correct = 0
         with torch.no_grad():
             for x, y in val_loader:
-                correct += int((model(x).argmax(1) == y).sum())
+                correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
         accuracy = correct / len(val_files)
         best = max(best, accuracy)
         if report is not None:
@@ -248,20 +253,24 @@ def main(params: Params, ks: list[int], epochs: int, n_trials: int, compile_mode
     manifest = pd.read_csv(paths.MANIFEST)
     classes = json.loads(paths.CLASSES.read_text())["classes"]
     setup = Setup(params, manifest, classes, params.data.image_size)
+    # both paths on the device the pipeline would use (PIPELINE_DEVICE=cpu forces the CPU)
+    device = select_runtime(params.extract.precision).device
     backbone = build_backbone(params.backbone.name, params.backbone.weights)
     head, head_source = starting_head(backbone, classes, params.seed)
+    backbone, head = backbone.to(device), head.to(device)
     # the cache must reach every k timed and every k the study may draw
     cache_blocks = max(*ks, min(params.finetune.max_unfreeze, params.extract.cache_blocks))
     fixed = study.TrialConfig(k=0, head_lr=3e-3, backbone_lr=1e-3, layer_decay=0.8, weight_decay=1e-4)
     rows: list[tuple[str, float, float, str]] = []
     say(f"bench: {params.backbone.name} at {setup.size}px, {int((manifest.split == 'train').sum())} train / "
         f"{int((manifest.split == 'val').sum())} val images, {epochs} epochs per trial, "
-        f"{torch.get_num_threads()} threads{', our trials torch.compiled' if params.finetune.compile else ''}; "
+        f"{torch.get_num_threads()} threads, on {device.type}"
+        f"{', our trials torch.compiled' if params.finetune.compile else ''}; "
         f"trials start from {head_source}")
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = Path(tmp)
         with PeakMemory() as naive_mem:
-            naive_rate = naive_extraction(setup, backbone)
+            naive_rate = naive_extraction(setup, backbone, device)
         with tempfile.TemporaryDirectory() as plain_dir:  # like for like: one plain view per image
             our_rate, runtime = our_extraction(setup, backbone, Path(plain_dir), cache_blocks, 1)
         with PeakMemory() as our_mem:  # what the pipeline does: plus augmented views

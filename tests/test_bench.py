@@ -1,0 +1,34 @@
+"""`python -m pipeline bench` with the precisions a CUDA device chooses (bf16 autocast for the frozen
+pass *and* for training), on the CPU, so CI guards that path on machines without a GPU.
+
+What crashed on the H200 (issue 17) was device placement — bench left its models on the CPU while
+the batches went to CUDA — which no CPU-only run can reproduce: this test passes with that bug too.
+The fix (every model and batch on the runtime's device) still needs a run on a GPU.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import BIN, make_project, project_env, run
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_runs_with_the_precisions_a_gpu_would_choose(tmp_path):
+    project = make_project(tmp_path / "project")
+    run([str(BIN / "dvc"), "repro", "extract"], project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["extract"]["precision"] = "bf16"  # what select_runtime picks on CUDA with bf16 support
+    params["finetune"]["precision"] = "bf16"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = subprocess.run([sys.executable, "-m", "pipeline", "bench", "--k", "0,1", "--epochs", "1",
+                             "--trials", "2"], cwd=project, env=project_env(project), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert "ours" in out and "(bf16, channels_last" in out, out[-2000:]
+    assert "trial k=1, seconds" in out and "study of 2 trials, seconds" in out  # the ratio table
