@@ -94,7 +94,8 @@ def fingerprint(project: Path) -> dict:
     """What a rerun must reproduce exactly: every DVC metric and plot, the gate's decision, and the
     bytes of the prepared data, the cached features and both models' weights."""
     found = {}
-    for path in sorted((project / "metrics").glob("*.json")) + sorted((project / "plots").iterdir()):
+    plots = [p for p in sorted((project / "plots").iterdir()) if p.suffix != ".png"]  # figures: drawn from these
+    for path in sorted((project / "metrics").glob("*.json")) + plots:
         found[str(path.relative_to(project))] = path.read_text()
     binaries = [project / "data/prepared/images.npy", project / "models/head/model.safetensors",
                 project / "models/finetuned/model.safetensors", *sorted((project / "data/features").glob("*.npy"))]
