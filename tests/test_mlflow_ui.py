@@ -68,6 +68,8 @@ def test_one_run_per_pipeline_run_carries_params_metrics_and_its_stages(two_pipe
         metrics = run_.data.metrics
         assert 0 <= metrics["test_accuracy"] <= 1 and 0 <= metrics["head_only_test_accuracy"] <= 1
         assert metrics["seconds.finetune"] > 0 and metrics["trials_complete"] >= 1
+        assert metrics["audit_label_issues"] >= 0 and metrics["test_ece"] >= 0
+        assert metrics["calibration_temperature"] > 0
         assert run_.data.tags["registered_model"].startswith("tiny-classifier v")
         assert client.list_artifacts(run_.info.run_id, "report")  # report.md and its images
     # every stage run hangs under the pipeline run of its repro; trials under their finetune run

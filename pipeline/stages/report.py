@@ -17,7 +17,8 @@ from pipeline.tracking import lineage, logs, pipeline_run, runs
 
 def main(params: Params) -> None:
     metrics = {stage: json.loads(paths.stage_metrics(stage).read_text())
-               for stage in ("evaluate", "finetune", "train_head")}
+               for stage in ("evaluate", "finetune", "train_head", "audit")}
+    calibration = json.loads(paths.CALIBRATION.read_text())
     decision = json.loads(paths.DECISION.read_text())
     stage_runs = {stage: lineage.recorded_run(stage) for stage in pipeline_run.STAGES}
     tags = pipeline_run.context_tags(decision, holdout.data_hash(), stage_runs)
@@ -28,6 +29,7 @@ def main(params: Params) -> None:
         write_text(paths.REPORT, build(params, mlrun.info.run_id))
         logs.log_metrics({**pipeline_run.headline_metrics(metrics["evaluate"], metrics["finetune"],
                                                           metrics["train_head"], decision),
+                          **pipeline_run.data_and_calibration_metrics(metrics["audit"], calibration),
                           **pipeline_run.stage_seconds(stage_runs)})
         logs.log_artifacts(str(paths.REPORT_DIR), "report")
         adopted = pipeline_run.adopt_stage_runs(mlrun.info.experiment_id, mlrun.info.run_id)

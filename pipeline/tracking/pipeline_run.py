@@ -56,6 +56,18 @@ def headline_metrics(evaluation: dict, finetune: dict, train_head: dict, decisio
     }
 
 
+def data_and_calibration_metrics(audit: dict, calibration: dict) -> dict[str, float]:
+    """The audit's counts and the shipped model's calibration, comparable across pipeline runs."""
+    return {
+        "audit_label_issues": audit["label_issues"],
+        "audit_cross_split_pairs": audit["cross_split_pairs"],
+        "audit_excluded_train_images": audit["excluded_train_images"],
+        "calibration_temperature": calibration["temperature"],
+        "test_ece_uncalibrated": calibration["ece_before"],
+        "test_ece": calibration["ece_after"],
+    }
+
+
 def run_name(git_commit: str) -> str:
     """`pipeline <dvc experiment>` under `dvc exp run`, else `pipeline <short commit>`."""
     return f"pipeline {os.environ.get('DVC_EXP_NAME') or git_commit[:8]}"
