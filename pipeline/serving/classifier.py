@@ -51,6 +51,12 @@ def image_bytes(value) -> bytes:
     raise PipelineError(f"image column: expected bytes or a base64 string, got {type(value).__name__}")
 
 
+def temperature_of(config: dict) -> float:
+    """model.json's temperature (evaluate fits it on the validation images); 1.0 for a checkpoint
+    no calibration wrote one into. The pyfunc and the ONNX graph both divide the logits by it."""
+    return float(config.get("temperature", 1.0))
+
+
 class ImageClassifier:
     """Plain object so predict/tests can use it without MLflow; the pyfunc wraps it."""
 
@@ -63,8 +69,7 @@ class ImageClassifier:
         # the decompression-bomb cap prepare used; older checkpoints predate the key
         self.max_pixels = int(self.config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
         self.runtime = runtime or select_runtime("auto")
-        # temperature scaling fitted by evaluate on the validation images (1: an uncalibrated checkpoint)
-        self.temperature = float(self.config.get("temperature", 1.0))
+        self.temperature = temperature_of(self.config)
         self.model = self.model.to(self.runtime.device).to(memory_format=torch.channels_last)
 
     def pixels_from(self, model_input) -> np.ndarray:

@@ -27,7 +27,7 @@ from pipeline.devices import Runtime
 from pipeline.errors import PipelineError
 from pipeline.model.backbones import normalize
 from pipeline.model.checkpoints import load_classifier, read_config
-from pipeline.serving.classifier import ImageClassifier
+from pipeline.serving.classifier import ImageClassifier, temperature_of
 
 ONNX_FILE = "model.onnx"
 PARITY_FILE = "onnx_parity.json"  # written next to the .onnx file
@@ -38,11 +38,6 @@ OPSET = 17  # not the newest on purpose: older onnxruntime builds (mobile, other
 PREPROCESSING = ("before the graph: EXIF orientation, RGB (alpha composited on white), centre crop to a square "
                  "and bicubic resize to image_size (PIL ImageOps.fit); in the graph: /255, (x - mean) / std, "
                  "NHWC to NCHW")
-
-
-def temperature_of(config: dict) -> float:
-    """model.json's temperature, 1.0 before calibration wrote one: the value ImageClassifier divides by."""
-    return float(config.get("temperature", 1.0))
 
 
 class ServingGraph(nn.Module):

@@ -43,6 +43,7 @@ class Scored:
     predicted: np.ndarray  # (N,) class index per test image
     report: dict  # classification_report
     probabilities: np.ndarray  # (N, classes)
+    classifier: ImageClassifier  # what scored them, as serving runs it
 
 
 @dataclass
@@ -92,7 +93,7 @@ def calibrate(scores: TestScores, batch_size: int) -> CalibrationSummary:
     then judged on test. The probabilities are what serving computes; log p are valid logits for
     an ensemble's averaged probabilities too."""
     val, val_pixels = holdout.load("val")
-    val_probabilities = ImageClassifier(scores.ship.folder).probabilities(val_pixels, batch_size)
+    val_probabilities = scores.ship.classifier.probabilities(val_pixels, batch_size)
     temperature = fit_temperature(logits_from_probabilities(val_probabilities), val.label_index.to_numpy())
     return summarize_calibration(logits_from_probabilities(scores.ship.probabilities), scores.labels, temperature)
 
@@ -103,7 +104,7 @@ def score_test_split(batch_size: int) -> TestScores:
     models = {}
     for name, folder in MODELS.items():
         classifier = ImageClassifier(folder)
-        models[name] = Scored(folder, classifier.config, *score(classifier, pixels, labels, batch_size))
+        models[name] = Scored(folder, classifier.config, *score(classifier, pixels, labels, batch_size), classifier)
     selection = json.loads(paths.SELECTION.read_text())
     return TestScores(test, pixels, labels, models, selection["shipped"], selection["reason"])
 

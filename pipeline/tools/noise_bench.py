@@ -85,6 +85,10 @@ def main(rates: list[float], compare_rate: float | None, seed: int = 0, keep: Pa
     if not paths.FEATURES_META.is_file() or not paths.MANIFEST.is_file():
         raise PipelineError("noise-bench needs the prepared data and cached features — run `dvc repro extract` first")
     params = yaml.safe_load(paths.PARAMS.read_text())
+    if compare_rate is not None and not 0 < compare_rate < 1:
+        raise PipelineError(f"--compare-at {compare_rate} is not a fraction between 0 and 1 — give one like 0.05")
+    if compare_rate is not None and not any(np.isclose(rate, compare_rate) for rate in rates):
+        rates = sorted([*rates, compare_rate])  # the comparison needs that rate's detection run
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="noise-bench-"))
     rows, accuracy = [], {}
     try:
