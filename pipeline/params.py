@@ -15,6 +15,7 @@ import yaml
 from pipeline.errors import PipelineError
 
 Range = tuple[float, float]
+BatchSize = int | str  # a positive integer, or "auto": chosen at run time for the device
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class BackboneParams:
 
 @dataclass(frozen=True)
 class ExtractParams:
-    batch_size: int
+    batch_size: BatchSize
     views: int
     cache_blocks: int
     precision: str
@@ -96,7 +97,7 @@ class FinetuneParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int
+    batch_size: BatchSize
     model_name: str
     significance: float
     min_gain: float
@@ -179,6 +180,10 @@ def _build(cls, raw, prefix: str):
 def _coerce(hint, value, key: str):
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key + ".")
+    if hint == BatchSize:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        raise PipelineError(f"params.yaml: {key} must be a positive integer or auto, got {value!r}")
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -243,7 +248,8 @@ def _check_ranges(p: Params) -> None:
     require(0 < s.min_size <= s.max_size <= 0.5, "shapes.min_size/max_size",
             "must satisfy 0 < min_size <= max_size <= 0.5", [s.min_size, s.max_size])
     e = p.extract
-    require(e.batch_size >= 1, "extract.batch_size", "must be positive", e.batch_size)
+    require(e.batch_size == "auto" or e.batch_size >= 1, "extract.batch_size", "must be positive or auto",
+            e.batch_size)
     require(e.views >= 1, "extract.views", "must be 1 or more", e.views)
     require(e.cache_blocks >= 0, "extract.cache_blocks", "must be 0 or more", e.cache_blocks)
     require(e.precision in _PRECISIONS, "extract.precision", f"must be one of {_PRECISIONS}",
@@ -293,7 +299,8 @@ def _check_ranges(p: Params) -> None:
     require(0 < f.ship_significance < 1, "finetune.ship_significance", "must be between 0 and 1",
             f.ship_significance)
     v = p.evaluate
-    require(v.batch_size >= 1, "evaluate.batch_size", "must be positive", v.batch_size)
+    require(v.batch_size == "auto" or v.batch_size >= 1, "evaluate.batch_size", "must be positive or auto",
+            v.batch_size)
     require(0 < v.significance < 1, "evaluate.significance", "must be between 0 and 1", v.significance)
     require(-1 <= v.min_gain <= 1, "evaluate.min_gain", "must be an accuracy difference in [-1, 1]",
             v.min_gain)

@@ -237,6 +237,6 @@ def build_backbone(name: str, weights: str = "pretrained") -> Backbone:
 def normalize(images: torch.Tensor, input_config: dict) -> torch.Tensor:
     """(B, S, S, 3) uint8 → (B, 3, S, S) float, normalised as in pretraining."""
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(input_config["mean"], dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(input_config["std"], dtype=x.dtype).view(1, 3, 1, 1)
+    mean = torch.tensor(input_config["mean"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(input_config["std"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std

@@ -25,7 +25,8 @@ _CHECK_SIZE = 96  # every registered backbone accepts 96 px (tests/test_backbone
 def folded_copy(backbone: Backbone) -> Backbone:
     """An eval-mode copy of the backbone for frozen inference, BatchNorms folded where exact."""
     folded = copy.deepcopy(backbone).eval()
-    x = torch.randn(2, 3, _CHECK_SIZE, _CHECK_SIZE, generator=torch.Generator().manual_seed(0))
+    device = next(folded.parameters()).device  # the check runs where the backbone lives
+    x = torch.randn(2, 3, _CHECK_SIZE, _CHECK_SIZE, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         for i, block in enumerate(folded.blocks):
             candidate = copy.deepcopy(block)

@@ -46,6 +46,45 @@ class ArraySource:
         out[torch.as_tensor(order)] = torch.as_tensor(np.ascontiguousarray(picked)).float()
         return out
 
+    def targets(self, indices: np.ndarray) -> torch.Tensor:
+        return self.labels[indices]
+
+    def resident(self, runtime: Runtime) -> ArraySource | ResidentSource:
+        """This source held as one tensor on the device (GPU memory, or RAM on the CPU) when
+        its rows fit in a share of the free memory, so batches are gathered there without a
+        copy from the host per batch; else itself (read from the memmap batch by batch)."""
+        row_bytes = int(np.prod(self.array.shape[1:])) * self.array.dtype.itemsize
+        if not runtime.fits(row_bytes * len(self.positions)):
+            return self
+        rows = torch.from_numpy(np.ascontiguousarray(self.array[self.positions]))  # stored dtype
+        return ResidentSource(runtime.to_device(rows), runtime.to_device(self.labels), runtime)
+
+
+class ResidentSource:
+    """An ArraySource's used rows as (N, V, ...) and (N,) tensors on the device; batches are
+    gathered there, with the indices sent along in a non-blocking copy (no host sync)."""
+
+    def __init__(self, data: torch.Tensor, labels: torch.Tensor, runtime: Runtime):
+        self.data, self.labels, self.runtime = data, labels, runtime
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def views(self) -> int:
+        return self.data.shape[1]
+
+    def _on_device(self, indices: np.ndarray) -> torch.Tensor:
+        return self.runtime.to_device(torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)))
+
+    def batch(self, indices: np.ndarray, views: np.ndarray | None) -> torch.Tensor:
+        idx = self._on_device(indices)
+        view = self._on_device(views) if views is not None else torch.zeros_like(idx)
+        return self.data[idx, view].float()
+
+    def targets(self, indices: np.ndarray) -> torch.Tensor:
+        return self.labels[self._on_device(indices)]
+
 
 def epoch_view_order(rng: np.random.Generator, n: int, views: int) -> np.ndarray:
     """(n, views): column e is the view each item trains on in epoch e (mod views).
@@ -60,14 +99,15 @@ def epoch_view_order(rng: np.random.Generator, n: int, views: int) -> np.ndarray
 def predict_logits(
     model: nn.Module, source: ArraySource, batch_size: int, runtime: Runtime
 ) -> torch.Tensor:
+    """(N, classes) float logits on the CPU; batches stay on the device until one copy at the end."""
     model.eval()
     outputs = []
     with torch.inference_mode(), runtime.autocast():
         for start in range(0, len(source), batch_size):
             interrupts.check()  # a safe point: between batches
             idx = np.arange(start, min(start + batch_size, len(source)))
-            outputs.append(model(runtime.to_input(source.batch(idx, None))).float().cpu())
-    return torch.cat(outputs) if outputs else torch.empty(0)
+            outputs.append(model(runtime.to_input(source.batch(idx, None))).float())
+    return torch.cat(outputs).cpu() if outputs else torch.empty(0)
 
 
 def grad_scaler(runtime: Runtime) -> torch.amp.GradScaler:
@@ -118,25 +158,27 @@ def train(
             set_train_mode()
         order = rng.permutation(len(train))
         chosen_views = view_cycle[:, (epoch - 1) % views]
-        total, seen = 0.0, 0
+        total = torch.zeros((), dtype=torch.float64, device=runtime.device)  # read once per epoch
+        seen = 0
         for start in range(0, len(order), batch_size):
             interrupts.check()  # a safe point: between batches
             idx = order[start : start + batch_size]
             x = runtime.to_input(train.batch(idx, chosen_views[idx]))
-            y = train.labels[idx].to(runtime.device)
+            y = runtime.to_device(train.targets(idx))
             with runtime.autocast():
                 loss = loss_fn(forward(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)  # unscales first; skips the step if a gradient is inf/nan
             scaler.update()
-            total += loss.item() * len(idx)
+            total += loss.detach().double() * len(idx)
             seen += len(idx)
         scheduler.step()
         logits = predict_logits(forward, val, batch_size * 2, runtime)
-        val_loss = nn.functional.cross_entropy(logits, val.labels).item()
-        val_acc = (logits.argmax(1) == val.labels).float().mean().item()
-        result = EpochResult(epoch, total / max(seen, 1), val_loss, val_acc)
+        val_labels = val.labels.cpu()
+        val_loss = nn.functional.cross_entropy(logits, val_labels).item()
+        val_acc = (logits.argmax(1) == val_labels).float().mean().item()
+        result = EpochResult(epoch, total.item() / max(seen, 1), val_loss, val_acc)
         history.append(result)
         key = (val_acc, -val_loss)
         if best_key is None or key > best_key:

@@ -45,6 +45,7 @@ class TrialRunner:
         # precision, BatchNorm folded (a copy: trials train the unfolded top blocks)
         self.live_runtime = select_runtime(params.extract.precision)
         self.frozen = None
+        self._cached: dict[int, tuple] = {}
         if not params.finetune.cache:
             frozen = folded_copy(self.backbone).to(self.live_runtime.device)
             self.frozen = frozen.to(memory_format=torch.channels_last)
@@ -52,7 +53,9 @@ class TrialRunner:
     def sources(self, k: int, seed: int):
         """(train, val) inputs for a trial unfreezing k blocks: cached activations, or live."""
         if self.params.finetune.cache:
-            return features.source("train", k), features.source("val", k)
+            if k not in self._cached:  # held on the device for every trial of this k
+                self._cached[k] = tuple(features.source(split, k).resident(self.runtime) for split in ("train", "val"))
+            return self._cached[k]
         return (features.LiveSource("train", k, self.frozen, self.live_runtime, True, seed),
                 features.LiveSource("val", k, self.frozen, self.live_runtime, False, seed))
 

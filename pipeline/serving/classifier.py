@@ -97,16 +97,19 @@ class ImageClassifier:
         return np.stack(out) if out else np.zeros((0, self.size, self.size, 3), np.uint8)
 
     @torch.inference_mode()
-    def probabilities(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def probabilities(self, pixels: np.ndarray, batch_size: int | str = "auto") -> np.ndarray:
+        """(B, classes) calibrated probabilities; uint8 batches go to the device and come back
+        as one array (no copy back per batch)."""
+        size = self.runtime.inference_batch_size(batch_size)
         chunks = []
-        for start in range(0, len(pixels), batch_size):
+        for start in range(0, len(pixels), size):
             interrupts.check()  # a safe point between batches (evaluate scores the whole test split)
-            x = normalize(torch.from_numpy(pixels[start : start + batch_size]),
-                          self.config["input_config"])
+            batch = self.runtime.to_device(torch.from_numpy(np.ascontiguousarray(pixels[start : start + size])))
+            x = self.runtime.to_input(normalize(batch, self.config["input_config"]))
             with self.runtime.autocast():
-                logits = self.model(self.runtime.to_input(x))
-            chunks.append(torch.softmax(logits.float() / self.temperature, dim=1).cpu().numpy())
-        return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes)))
+                logits = self.model(x)
+            chunks.append(torch.softmax(logits.float() / self.temperature, dim=1))
+        return torch.cat(chunks).cpu().numpy() if chunks else np.zeros((0, len(self.classes)))
 
     def predict(self, model_input) -> pd.DataFrame:
         probs = self.probabilities(self.pixels_from(model_input))

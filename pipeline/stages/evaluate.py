@@ -16,6 +16,7 @@ import pandas as pd
 from pipeline import paths
 from pipeline.atomic import write_json, write_text
 from pipeline.data import holdout
+from pipeline.devices import select_runtime
 from pipeline.model.calibration import (
     CalibrationSummary,
     fit_temperature,
@@ -61,11 +62,14 @@ class TestScores:
 
 
 def main(params: Params) -> None:
-    scores = score_test_split(params.evaluate.batch_size)
-    calibration = calibrate(scores, params.evaluate.batch_size)
+    # what serving runs on (this machine's fastest device); auto fills that device
+    batch_size = select_runtime("auto").inference_batch_size(params.evaluate.batch_size)
+    scores = score_test_split(batch_size)
+    calibration = calibrate(scores, batch_size)
     write_per_image_outputs(scores, calibration)
     logged = logs.flatten("evaluate", vars(params.evaluate))
     with tempfile.TemporaryDirectory() as tmp, runs.stage_run("evaluate", params.mlflow.experiment, logged) as mlrun:
+        logs.log_metrics({"evaluate_batch_size_used": batch_size})
         log_scores(scores, calibration)
         record, message = register_shipped(params, scores, calibration.temperature, Path(tmp), mlrun.info.run_id)
         lineage.record_run("evaluate", mlrun.info.run_id)

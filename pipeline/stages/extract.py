@@ -34,6 +34,7 @@ def run(params: Params) -> dict:
     classes = json.loads(paths.CLASSES.read_text())["classes"]
     e = params.extract
     runtime = select_runtime(e.precision)
+    batch_size = runtime.inference_batch_size(e.batch_size)
     backbone = folded_copy(build_backbone(params.backbone.name, params.backbone.weights))
     backbone = backbone.to(runtime.device).to(memory_format=torch.channels_last)
     check_cache_blocks(backbone, e.cache_blocks)
@@ -46,7 +47,7 @@ def run(params: Params) -> dict:
             rows = manifest.index[manifest.split == split].to_numpy()
             views = e.views if split == "train" else 1
             extract_split(backbone, images, manifest["index"].to_numpy()[rows], views,
-                          e.cache_blocks, e.batch_size, runtime, params.seed + i, out, split, pb)
+                          e.cache_blocks, batch_size, runtime, params.seed + i, out, split, pb)
             np.save(out / f"{split}_labels.npy", manifest.label_index.to_numpy()[rows])
             np.save(out / f"{split}_rows.npy", rows)
         seconds = time.perf_counter() - started
@@ -67,6 +68,8 @@ def run(params: Params) -> dict:
             "cut_shapes": cut_shapes,
             "cache_dtype": np.dtype(CACHE_DTYPE).name,
             "precision": runtime.precision,
+            "device": runtime.device.type,
+            "batch_size": batch_size,
         }
         write_json(out / paths.FEATURES_META.name, meta)
     bytes_per_view = sum(int(np.prod(s)) for s in cut_shapes.values()) * np.dtype(CACHE_DTYPE).itemsize
@@ -77,6 +80,7 @@ def run(params: Params) -> dict:
         "cache_bytes_per_view": bytes_per_view,
         "precision": runtime.precision,
         "device": runtime.device.type,
+        "batch_size": batch_size,
     }
 
 
@@ -89,11 +93,13 @@ def main(params: Params) -> None:
             "extract_images_per_second": stats["images_per_second"],
             "extract_seconds": stats["seconds"],
             "cache_bytes_per_view": stats["cache_bytes_per_view"],
+            "extract_batch_size_used": stats["batch_size"],
         })
         logs.set_tags({"precision": stats["precision"], "device": stats["device"]})
         lineage.record_run("extract", mlrun.info.run_id)
     say(
         f"extract: {stats['forwards']} forward passes in {stats['seconds']:.1f}s "
-        f"({stats['images_per_second']:.0f} img/s, {stats['precision']} on {stats['device']}); "
+        f"({stats['images_per_second']:.0f} img/s, {stats['precision']} on {stats['device']}, "
+        f"batches of {stats['batch_size']}); "
         f"activation cache {stats['cache_bytes_per_view'] / 1024:.1f} KiB per image view"
     )

@@ -29,7 +29,7 @@ def run(params: Params) -> tuple[dict, list]:
     model = TopModel(head)
     optimizer = torch.optim.AdamW(head.parameters(), lr=h.lr, weight_decay=h.weight_decay)
     best_state, history = train(
-        model, optimizer, features.source("train", 0), features.source("val", 0),
+        model, optimizer, features.source("train", 0).resident(runtime), features.source("val", 0).resident(runtime),
         epochs=h.epochs, batch_size=h.batch_size, runtime=runtime, seed=params.seed,
         label_smoothing=h.label_smoothing, on_epoch=patience_stopper(h.patience),
     )

@@ -9,6 +9,7 @@ Same data, backbone, trial budget and seeds for both. Figures are measured here,
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import tempfile
@@ -25,8 +26,10 @@ import torch
 from PIL import Image
 from torch import nn
 from torchvision import transforms
+from torchvision.transforms import v2
 
 from pipeline import paths
+from pipeline.data.augment import augment_batch
 from pipeline.devices import seed_everything, select_runtime
 from pipeline.model import features
 from pipeline.model.backbones import build_backbone
@@ -86,6 +89,7 @@ class Setup:
     manifest: pd.DataFrame
     classes: list[str]
     size: int
+    batch_size: int  # of inference: extract.batch_size as resolved for the device
 
 
 def naive_transforms(size: int, input_config: dict, train_mode: bool):
@@ -103,18 +107,59 @@ def split_files(setup: Setup, split: str) -> tuple[list[Path], np.ndarray]:
     return [root / p for p in rows.path], rows.label_index.to_numpy()
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # queued kernels are part of the time
+
+
+def warm_up(model, x: torch.Tensor, runtime=None) -> None:
+    """One untimed forward: CUDA context, cuDNN and kernel selection are not the loop's cost."""
+    with torch.no_grad(), (runtime.autocast() if runtime else contextlib.nullcontext()):
+        model(x)
+    synchronize(x.device)
+
+
 def naive_extraction(setup: Setup, backbone, device: torch.device) -> float:
     files, labels = split_files(setup, "train")
     loader = torch.utils.data.DataLoader(
         FileDataset(files, labels, naive_transforms(setup.size, backbone.input_config, False)),
-        batch_size=setup.params.extract.batch_size)
+        batch_size=setup.batch_size)
+    warm_up(backbone, torch.zeros(setup.batch_size, 3, setup.size, setup.size, device=device))
     started = time.perf_counter()
     with torch.no_grad():
         for x, _ in loader:
             backbone(x.to(device))
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # the last batch's kernels are part of the time
+        synchronize(device)
     return len(files) / (time.perf_counter() - started)
+
+
+def naive_augment(image: torch.Tensor, size: int) -> torch.Tensor:
+    """The per-image way: torchvision.transforms.v2 on one (3, S, S) uint8 tensor at a time."""
+    return v2.Compose([v2.RandomResizedCrop(size, scale=(0.55, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+                       v2.ColorJitter(brightness=0.25, contrast=0.25)])(image)
+
+
+def augmentation_rates(setup: Setup, device: torch.device, rounds: int = 3) -> tuple[float, float]:
+    """Images/s augmenting the train images: per image on the CPU, as a textbook loader does,
+    vs ours (augment_batch on the device, batches of the inference batch size)."""
+    images = np.load(paths.IMAGES, mmap_mode="r")
+    pixels = torch.from_numpy(np.ascontiguousarray(images[features.rows("train")]))
+    torch.manual_seed(setup.params.seed)
+    started = time.perf_counter()
+    for _ in range(rounds):
+        for image in pixels:
+            naive_augment(image.permute(2, 0, 1), setup.size)
+    naive = rounds * len(pixels) / (time.perf_counter() - started)
+    on_device = pixels.to(device)
+    generator = torch.Generator().manual_seed(setup.params.seed)
+    augment_batch(on_device[: setup.batch_size], generator)  # warm-up
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(rounds):
+        for start in range(0, len(on_device), setup.batch_size):
+            augment_batch(on_device[start : start + setup.batch_size], generator)
+    synchronize(device)
+    return naive, rounds * len(pixels) / (time.perf_counter() - started)
 
 
 def naive_trial(setup: Setup, backbone, head: Head, config: study.TrialConfig, epochs: int, seed: int,
@@ -174,7 +219,8 @@ def cached_trial(setup: Setup, backbone, head: Head, cache_dir: Path, config: st
 
     def load(split):
         name = f"{split}_pooled.npy" if config.k == 0 else f"{split}_cut{config.k}.npy"
-        return ArraySource(np.load(cache_dir / name, mmap_mode="r"), np.load(cache_dir / f"{split}_labels.npy"))
+        cached = ArraySource(np.load(cache_dir / name, mmap_mode="r"), np.load(cache_dir / f"{split}_labels.npy"))
+        return cached.resident(runtime)  # on the device, as finetune holds it
 
     def on_epoch(result):
         if report is not None:
@@ -195,12 +241,14 @@ def our_extraction(setup: Setup, backbone, cache_dir: Path, cache_blocks: int, t
     runtime = select_runtime(setup.params.extract.precision)
     fast = folded_copy(backbone).to(memory_format=torch.channels_last)
     images = np.load(paths.IMAGES, mmap_mode="r")
+    x = torch.zeros(setup.batch_size, 3, setup.size, setup.size, device=runtime.device)
+    warm_up(fast, x.contiguous(memory_format=torch.channels_last), runtime)
     total = 0
     started = time.perf_counter()
     for i, split in enumerate(("train", "val")):
         rows = features.rows(split)
         views = train_views if split == "train" else 1
-        extract_split(fast, images, rows, views, cache_blocks, setup.params.extract.batch_size, runtime,
+        extract_split(fast, images, rows, views, cache_blocks, setup.batch_size, runtime,
                       setup.params.seed + i, cache_dir, split, _NoBar())
         np.save(cache_dir / f"{split}_labels.npy", features.labels(split))
         total += len(rows) * views
@@ -252,9 +300,11 @@ def main(params: Params, ks: list[int], epochs: int, n_trials: int, compile_mode
 
     manifest = pd.read_csv(paths.MANIFEST)
     classes = json.loads(paths.CLASSES.read_text())["classes"]
-    setup = Setup(params, manifest, classes, params.data.image_size)
     # both paths on the device the pipeline would use (PIPELINE_DEVICE=cpu forces the CPU)
-    device = select_runtime(params.extract.precision).device
+    inference = select_runtime(params.extract.precision)
+    device = inference.device
+    setup = Setup(params, manifest, classes, params.data.image_size,
+                  inference.inference_batch_size(params.extract.batch_size))
     backbone = build_backbone(params.backbone.name, params.backbone.weights)
     head, head_source = starting_head(backbone, classes, params.seed)
     backbone, head = backbone.to(device), head.to(device)
@@ -264,7 +314,7 @@ def main(params: Params, ks: list[int], epochs: int, n_trials: int, compile_mode
     rows: list[tuple[str, float, float, str]] = []
     say(f"bench: {params.backbone.name} at {setup.size}px, {int((manifest.split == 'train').sum())} train / "
         f"{int((manifest.split == 'val').sum())} val images, {epochs} epochs per trial, "
-        f"{torch.get_num_threads()} threads, on {device.type}"
+        f"{torch.get_num_threads()} threads, on {device_name(device)}, inference batches of {setup.batch_size}"
         f"{', our trials torch.compiled' if params.finetune.compile else ''}; "
         f"trials start from {head_source}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -281,6 +331,10 @@ def main(params: Params, ks: list[int], epochs: int, n_trials: int, compile_mode
             f"channels_last, writing the cache of the top {cache_blocks} cuts); with {views} views incl. "
             f"augmentation {with_views_rate:.1f} img/s")
         naive_peak, our_peak = naive_mem.mib, our_mem.mib
+        naive_aug, our_aug = augmentation_rates(setup, device)
+        rows.append(("augmentation, images/s", naive_aug, our_aug, "higher is better"))
+        say(f"  augmentation: naive {naive_aug:.0f} img/s (torchvision v2, one image at a time, CPU), "
+            f"ours {our_aug:.0f} img/s (augment_batch on {device.type})")
         accuracies = []  # same config and seed on both paths: a paired check that ours learns as well
         for k in ks:
             config = study.TrialConfig(**{**vars(fixed), "k": k})
@@ -317,6 +371,12 @@ def main(params: Params, ks: list[int], epochs: int, n_trials: int, compile_mode
         rows.append((f"study best val accuracy{per}", naive_best, our_best, "higher is better"))
         rows.append(("peak extra memory, MiB", naive_peak, our_peak, "lower is better"))
     say(render(rows))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return "cpu"
 
 
 def dataclass_replace_finetune(params: Params, epochs: int) -> Params:
