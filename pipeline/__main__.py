@@ -185,9 +185,6 @@ def run_command(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in TRACKED:
-        # before the stage's own imports, so the import of MLflow is counted as tracking overhead
-        importlib.import_module("pipeline.tracking.store")
     try:
         # a stage stops at its next safe point on ^C or SIGTERM; the other commands keep Python's
         # defaults (retrain and stability wait on child processes, which get the signal themselves)

@@ -11,6 +11,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # deterministic cuBLAS; read when cuBLAS starts, so set before any CUDA work
@@ -20,6 +21,13 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 # a stage may keep this share of the free device memory resident (decoded images, cached
 # activations); the rest is left for activations, gradients and other processes (workers)
 RESIDENT_SHARE = 0.25
+STAGING_BYTES = 256 * 2**20  # host slice per copy to a GPU (pinned on its way)
+
+
+def host_available_bytes() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 @dataclass(frozen=True)
@@ -55,19 +63,30 @@ class Runtime:
         available RAM on the CPU."""
         if self.device.type == "cuda":
             return torch.cuda.mem_get_info(self.device)[0]
-        import psutil
-
-        return psutil.virtual_memory().available
+        return host_available_bytes()
 
     def fits(self, nbytes: int, share: float = RESIDENT_SHARE) -> bool:
         """Whether nbytes may live on the device for a whole stage (a share of what is free)."""
         return nbytes <= share * self.free_bytes()
 
+    def upload(self, array: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+        """array[rows] as one tensor on the device, copied in slices of at most STAGING_BYTES,
+        so a memory-mapped array is never read into host memory whole on its way to a GPU."""
+        row_bytes = max(1, int(np.prod(array.shape[1:])) * array.dtype.itemsize)
+        if self.device.type != "cuda":
+            return torch.from_numpy(np.ascontiguousarray(array[rows]))
+        out = torch.empty((len(rows), *array.shape[1:]), dtype=torch.from_numpy(array[:0]).dtype, device=self.device)
+        step = max(1, STAGING_BYTES // row_bytes)
+        for start in range(0, len(rows), step):
+            piece = np.ascontiguousarray(array[rows[start : start + step]])
+            out[start : start + step] = self.to_device(torch.from_numpy(piece))
+        return out
+
     def inference_batch_size(self, configured: int | str) -> int:
         """extract/evaluate batch size: the configured number, or for `auto` one that fills the
-        device — inference results do not depend on it, only speed does. On CUDA 256 images
-        per 16 GiB of memory (1,024 on an H200); 64 on the CPU, where larger batches measured
-        no faster here."""
+        device. It changes speed, and results only in the last bits (kernels are chosen per
+        shape). On CUDA 256 images per 16 GiB of memory (1,024 on an H200); 64 on the CPU,
+        where larger batches measured no faster here."""
         if configured != "auto":
             return int(configured)
         if self.device.type != "cuda":

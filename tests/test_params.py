@@ -22,6 +22,11 @@ def test_shipped_params_load():
     params = load_params(ROOT / "params.yaml")
     assert params.backbone.name == "tf_efficientnet_lite0"
     assert len(params_hash(params)) == 16
+    assert params.extract.batch_size == "auto"  # chosen per device at run time
+
+
+def test_a_batch_size_can_be_a_number(tmp_path):
+    assert load_params(write(tmp_path, lambda p: p["extract"].update(batch_size=128))).extract.batch_size == 128
 
 
 @pytest.mark.parametrize(
@@ -35,6 +40,8 @@ def test_shipped_params_load():
         (lambda p: p["finetune"].update(max_unfreeze=99), "finetune.max_unfreeze"),
         (lambda p: p["finetune"].update(bn_train="yes"), "finetune.bn_train must be true or false"),
         (lambda p: p["data"].update(test_fraction=0.5, val_fraction=0.45), "at least 10%"),
+        (lambda p: p["extract"].update(batch_size="big"), "extract.batch_size must be a positive integer or auto"),
+        (lambda p: p["evaluate"].update(batch_size=0), "evaluate.batch_size must be positive or auto"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, mutate, needle):

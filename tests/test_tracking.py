@@ -123,3 +123,36 @@ print(len([k for k in data.params if k.startswith("p")]), len([k for k in data.t
 
 def test_run_log_holds_back_then_writes_everything_within_mlflow_batch_limits(tmp_path):
     assert last_line_printed_by(BIG_RUN_LOG, tmp_path) == "150 120 1250 -1249.0"
+
+
+# A stage that logs only at its end (prepare, extract, audit, train_head) does its work before
+# MLflow is imported (issue 17: 4-6 s per stage on a GPU box); its run still spans the work,
+# and a failure during the work still leaves a FAILED run.
+DEFERRED_STAGE_RUN = """
+import sys, time
+import pipeline.stages.prepare, pipeline.stages.extract, pipeline.stages.audit, pipeline.stages.train_head
+import pipeline.stages.evaluate, pipeline.stages.finetune
+from pipeline.tracking import runs, store
+
+imported = ["mlflow" in sys.modules]  # after every stage module's imports
+before = time.time()
+with runs.stage_run("probe", "deferred-probe", {"p": 1}, defer=True) as stage:
+    imported.append("mlflow" in sys.modules)  # during the work
+    time.sleep(0.5)
+    run_id = stage.info.run_id
+    imported.append("mlflow" in sys.modules)
+try:
+    with runs.stage_run("probe-fails", "deferred-probe", {}, defer=True):
+        raise ValueError("the work failed")
+except ValueError:
+    pass
+found = {r.info.run_name: r for r in store.client().search_runs([store.setup("deferred-probe")])}
+ok, failed = found["probe"], found["probe-fails"]
+print(imported, ok.info.run_id == run_id, ok.info.status, ok.data.params["p"], failed.info.status,
+      abs(ok.info.start_time / 1000 - before) < 0.5, (ok.info.end_time - ok.info.start_time) >= 500)
+"""
+
+
+def test_a_deferred_stage_run_imports_mlflow_after_the_work_and_still_spans_it(tmp_path):
+    printed = last_line_printed_by(DEFERRED_STAGE_RUN, tmp_path)
+    assert printed == "[False, False, True] True FINISHED 1 FAILED True True"

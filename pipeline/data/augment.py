@@ -6,7 +6,8 @@ and flip are one affine map per image, so the batch is resampled by a single
 elementwise ops: no per-image Python loop and no host round trip, so on a GPU the views are made
 where the backbone runs. torchvision.transforms.v2 on a batched tensor would draw one set of
 parameters for the whole batch, which is not augmentation. The draws come from a CPU generator
-in one call per batch, so a seed gives the same views on every device.
+in one call per batch, so a seed gives the same crops, flips and factors on every device (the
+resampled pixels can still differ by one grey level between devices: float kernels differ).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pipeline import interrupts
-from pipeline.devices import Runtime, compiled
+from pipeline.devices import RESIDENT_SHARE, Runtime, compiled
 
 
 @dataclass
@@ -49,15 +49,15 @@ class ArraySource:
     def targets(self, indices: np.ndarray) -> torch.Tensor:
         return self.labels[indices]
 
-    def resident(self, runtime: Runtime) -> ArraySource | ResidentSource:
+    def resident(self, runtime: Runtime, share: float = RESIDENT_SHARE) -> ArraySource | ResidentSource:
         """This source held as one tensor on the device (GPU memory, or RAM on the CPU) when
-        its rows fit in a share of the free memory, so batches are gathered there without a
+        its rows fit in `share` of the free memory, so batches are gathered there without a
         copy from the host per batch; else itself (read from the memmap batch by batch)."""
         row_bytes = int(np.prod(self.array.shape[1:])) * self.array.dtype.itemsize
-        if not runtime.fits(row_bytes * len(self.positions)):
+        if not runtime.fits(row_bytes * len(self.positions), share):
             return self
-        rows = torch.from_numpy(np.ascontiguousarray(self.array[self.positions]))  # stored dtype
-        return ResidentSource(runtime.to_device(rows), runtime.to_device(self.labels), runtime)
+        rows = runtime.upload(self.array, self.positions)  # in the stored dtype (fp16 cuts)
+        return ResidentSource(rows, runtime.to_device(self.labels), runtime)
 
 
 class ResidentSource:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
 
 from pipeline import paths
 from pipeline.data import holdout
@@ -54,6 +53,8 @@ def confusion(csv_path, classes: list[str]) -> tuple[np.ndarray, pd.DataFrame]:
 def trial_curve(run_id: str) -> list[dict]:
     """The best trial's per-epoch curve from its MLflow run ([] when this store lacks the run,
     e.g. finetune's outputs were pulled from a DVC remote and its runs live elsewhere)."""
+    from mlflow.exceptions import MlflowException
+
     client = store.client()
     by_epoch: dict[int, dict] = {}
     try:

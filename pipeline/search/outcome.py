@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 from pipeline import paths
 from pipeline.atomic import write_json
 from pipeline.model.checkpoints import model_config
-from pipeline.model.heads import EnsembleClassifier, TopModel
+from pipeline.model.heads import EnsembleClassifier
 from pipeline.params import Params
 from pipeline.search import selection, study
 from pipeline.search.loop import FINISHED, count
@@ -43,7 +43,7 @@ def select(params: Params, runner: TrialRunner, s: optuna.Study):
     ensembled = selection.indistinguishable_from_best(ranked, len(labels))
     members = [run for candidate in ensembled for run in runs[candidate.slot]]
     ensemble_correct = np.mean([r.val_probabilities for r in members], axis=0).argmax(1) == labels
-    head_correct = runner.val_probabilities(TopModel(runner.head), 0).argmax(1) == labels
+    head_correct = runner.val_probabilities(runner.model_for(0), 0).argmax(1) == labels  # on the device
     decision = selection.decide_shipping(ensemble_correct, head_correct, f.ship_significance)
     return ranked, members, decision
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline import paths
-from pipeline.devices import seed_everything, select_runtime
+from pipeline.devices import RESIDENT_SHARE, seed_everything, select_runtime
 from pipeline.model import features
 from pipeline.model.backbones import build_backbone
 from pipeline.model.bn_folding import folded_copy
@@ -53,8 +53,10 @@ class TrialRunner:
     def sources(self, k: int, seed: int):
         """(train, val) inputs for a trial unfreezing k blocks: cached activations, or live."""
         if self.params.finetune.cache:
-            if k not in self._cached:  # held on the device for every trial of this k
-                self._cached[k] = tuple(features.source(split, k).resident(self.runtime) for split in ("train", "val"))
+            if k not in self._cached:  # held on the device for every trial of this k; workers share it
+                share = RESIDENT_SHARE / self.params.finetune.workers
+                self._cached[k] = tuple(features.source(split, k).resident(self.runtime, share)
+                                        for split in ("train", "val"))
             return self._cached[k]
         return (features.LiveSource("train", k, self.frozen, self.live_runtime, True, seed),
                 features.LiveSource("val", k, self.frozen, self.live_runtime, False, seed))

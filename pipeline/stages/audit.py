@@ -116,7 +116,8 @@ def run(params: Params) -> dict:
 
 
 def main(params: Params) -> None:
-    with runs.stage_run("audit", params.mlflow.experiment, logs.flatten("audit", vars(params.audit))) as mlrun:
+    with runs.stage_run("audit", params.mlflow.experiment, logs.flatten("audit", vars(params.audit)),
+                        defer=True) as mlrun:  # logs at the end
         summary = run(params)
         logs.log_metrics({f"audit_{k}": v for k, v in summary.items()})
         logs.log_artifacts(str(paths.AUDIT_DIR), "audit")

@@ -87,7 +87,7 @@ def run(params: Params) -> dict:
 def main(params: Params) -> None:
     logged = {**logs.flatten("backbone", vars(params.backbone)),
               **logs.flatten("extract", vars(params.extract))}
-    with runs.stage_run("extract", params.mlflow.experiment, logged) as mlrun:
+    with runs.stage_run("extract", params.mlflow.experiment, logged, defer=True) as mlrun:  # logs at the end
         stats = run(params)
         logs.log_metrics({
             "extract_images_per_second": stats["images_per_second"],

@@ -110,7 +110,8 @@ def run(params: Params) -> dict:
 
 
 def main(params: Params) -> None:
-    with runs.stage_run("prepare", params.mlflow.experiment, logs.flatten("data", vars(params.data))) as mlrun:
+    with runs.stage_run("prepare", params.mlflow.experiment, logs.flatten("data", vars(params.data)),
+                        defer=True) as mlrun:  # MLflow's import waits until there is something to log
         report = run(params)
         counts = {f"prepare_{k}": v for k, v in report["counts"].items()}
         logs.log_metrics(counts)

@@ -43,7 +43,7 @@ def run(params: Params) -> tuple[dict, list]:
 
 def main(params: Params) -> None:
     logged = logs.flatten("train_head", vars(params.train_head))
-    with runs.stage_run("train_head", params.mlflow.experiment, logged) as mlrun:
+    with runs.stage_run("train_head", params.mlflow.experiment, logged, defer=True) as mlrun:  # logs at the end
         summary, history = run(params)
         logs.log_curve(history)
         logs.log_metrics({"best_val_accuracy": summary["val_accuracy"],

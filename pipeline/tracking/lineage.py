@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 
-from mlflow.exceptions import MlflowException
-
 from pipeline.atomic import write_json
 from pipeline.errors import PipelineError
 from pipeline.paths import stage_run_record
@@ -20,6 +18,8 @@ ORDER = ("git_commit", "data_hash", "params_hash", "backbone", "unfrozen_blocks"
 
 
 def describe(name: str, version: str) -> str:
+    from mlflow.exceptions import MlflowException
+
     store.setup_uri()
     try:
         mv = store.client().get_model_version(name, version)

@@ -20,8 +20,6 @@ import os
 import socket
 from dataclasses import asdict
 
-from mlflow.exceptions import MlflowException
-
 from pipeline.tracking import logs, store
 
 STAGES = ("prepare", "extract", "audit", "train_head", "finetune", "evaluate")
@@ -87,6 +85,8 @@ def context_tags(decision: dict, data_hash: str, stage_run_ids: dict[str, str | 
 def stage_seconds(run_ids: dict[str, str | None]) -> dict[str, float]:
     """Wall seconds of each stage's recorded run (`seconds.finetune`); a run this store lacks
     (outputs pulled from a DVC remote, runs in another store) is left out."""
+    from mlflow.exceptions import MlflowException
+
     out = {}
     for stage, run_id in run_ids.items():
         try:
@@ -122,6 +122,8 @@ def link_version(decision: dict, run_id: str) -> None:
     """The registered version names the pipeline run that made it (lineage, and the UI's link):
     the first one — a later run that registered nothing new leaves it. Nothing when this store's
     registry lacks the version (evaluate ran against another store)."""
+    from mlflow.exceptions import MlflowException
+
     name, version = decision["model"], str(decision["version"])
     with contextlib.suppress(MlflowException):
         if "pipeline_run_id" not in store.client().get_model_version(name, version).tags:

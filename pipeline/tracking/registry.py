@@ -15,9 +15,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow.exceptions import MlflowException
-
 from pipeline.tracking import gate, logs, store
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the whole pipeline package ships as code
@@ -40,6 +37,8 @@ Judge = Callable[[Any], tuple[gate.Decision, dict[str, str]]]
 @store.timed
 def existing_version(name: str, weights_sha256: str):
     """A version already registered with these exact weights (re-running evaluate)."""
+    from mlflow.exceptions import MlflowException
+
     try:
         found = store.client().search_model_versions(
             f"name = '{name}' and tags.weights_sha256 = '{weights_sha256}'"
@@ -52,6 +51,7 @@ def existing_version(name: str, weights_sha256: str):
 @store.timed
 def log_and_register(name: str, checkpoint_dir: Path, pyfunc: Pyfunc, tags: dict):
     """Log the pyfunc under the active run and register it; returns the ModelVersion."""
+    import mlflow
     import pandas as pd
     from mlflow.models import infer_signature
 
@@ -70,6 +70,8 @@ def log_and_register(name: str, checkpoint_dir: Path, pyfunc: Pyfunc, tags: dict
 
 @store.timed
 def champion(name: str):
+    from mlflow.exceptions import MlflowException
+
     try:
         return store.client().get_model_version_by_alias(name, "champion")
     except MlflowException:
@@ -84,6 +86,8 @@ def set_alias(name: str, alias: str, version: str) -> None:
 @store.timed
 def download_checkpoint(version, target: Path) -> Path:
     """The checkpoint folder inside a registered version's artifacts (weights + JSON only)."""
+    import mlflow
+
     local = mlflow.artifacts.download_artifacts(
         artifact_uri=f"models:/{version.name}/{version.version}", dst_path=str(target)
     )

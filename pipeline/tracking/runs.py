@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 
 from pipeline import interrupts
@@ -66,35 +67,80 @@ def reap_dead_runs(experiment_id: str) -> int:
     return reaped
 
 
+class StageRun:
+    """A stage's MLflow run, opened by start(): at once, or — for a stage that logs only at its
+    end — after the work, so the work does not wait for MLflow's import (seconds). The run
+    carries the stage's real start time either way."""
+
+    def __init__(self, stage: str, experiment: str, params: dict, tags: dict | None, run_name: str | None):
+        self.stage, self.experiment, self.params = stage, experiment, params
+        self.tags = {"stage": stage, "git_commit": git_commit(), **process_tags(),
+                     "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""), **(tags or {})}
+        self.run_name = run_name or stage
+        self.started_ms = int(time.time() * 1000)
+        self.run = None
+        self.experiment_id = None
+
+    @property
+    def info(self):
+        return self.start().info
+
+    def start(self):
+        """The active MLflow run (opened on the first call)."""
+        if self.run is None:
+            import mlflow
+
+            self.experiment_id = setup(self.experiment)
+            reap_dead_runs(self.experiment_id)
+            with _clock("calls"):
+                created = client().create_run(self.experiment_id, start_time=self.started_ms, tags=self.tags,
+                                              run_name=self.run_name)
+                self.run = mlflow.start_run(run_id=created.info.run_id)
+            log_params(self.params)
+        return self.run
+
+    def end(self, status: str) -> None:
+        """End as status; a run not yet opened is opened first, so a failed or killed deferred
+        stage is on record too — unless MLflow itself is what failed."""
+        try:
+            self.start()
+        except Exception:  # the store is unreachable: the stage's own error is the one to show
+            return
+        _end_all_runs(status, self.experiment_id)
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, experiment: str, params: dict, tags: dict | None = None,
-              run_name: str | None = None) -> Iterator:
+              run_name: str | None = None, defer: bool = False) -> Iterator[StageRun]:
     """An MLflow run for one stage; ends FINISHED, FAILED (exception) or KILLED (SIGTERM/^C, which
-    the stage's loops raise at their next safe point: interrupts)."""
-    import mlflow
+    the stage's loops raise at their next safe point: interrupts).
 
+    defer=True: MLflow is imported and the run opened at the block's first use of it (`.start()`,
+    `.info`) — a stage that logs only at its end does its work first. Otherwise at once."""
+    began = time.perf_counter()
     with interrupts.stop_on_signals():
-        experiment_id = setup(experiment)
-        reap_dead_runs(experiment_id)
+        handle = StageRun(stage, experiment, params, tags, run_name)
         try:
-            with _clock("calls"):
-                run = mlflow.start_run(run_name=run_name or stage, tags={
-                    "stage": stage, "git_commit": git_commit(), **process_tags(),
-                    "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""), **(tags or {})})
-            log_params(params)
-            yield run
+            if not defer:
+                handle.start()
+            yield handle
+            handle.start()  # a block that logged nothing still leaves its run
         except KeyboardInterrupt:  # ^C, or SIGTERM (Terminated)
-            _end_all_runs("KILLED", experiment_id)
+            handle.end("KILLED")
             raise
         except BaseException:
-            _end_all_runs("FAILED", experiment_id)
+            handle.end("FAILED")
             raise
+        import mlflow
+
         startup, calls = _overhead["startup"], _overhead["calls"]
         log_metrics({"tracking_overhead_seconds": startup + calls, "tracking_startup_seconds": startup,
                      "tracking_calls_seconds": calls})
         mlflow.end_run("FINISHED")
-        print(f"{stage}: MLflow took {startup + calls:.2f}s of this stage (start-up {startup:.2f}s: "
-              f"import + store; calls {calls:.2f}s)", flush=True)
+        waited = "after the work" if defer else "before the work"
+        took = time.perf_counter() - began
+        print(f"{stage}: MLflow took {startup + calls:.2f}s of this stage's {took:.1f}s (start-up {startup:.2f}s: "
+              f"import + store, {waited}; calls {calls:.2f}s)", flush=True)
 
 
 def _end_all_runs(status: str, experiment_id: str) -> None:
