@@ -2,8 +2,10 @@
 pass *and* for training), on the CPU, so CI guards that path on machines without a GPU.
 
 What crashed on the H200 (issue 17) was device placement — bench left its models on the CPU while
-the batches went to CUDA — which no CPU-only run can reproduce: this test passes with that bug too.
-The fix (every model and batch on the runtime's device) still needs a run on a GPU.
+the batches went to CUDA, and once moved, BatchNorm folding built its check input on the CPU —
+which no CPU-only run can reproduce: this test passes with those bugs too. The fixes (every model
+and batch on the runtime's device, folding on the CPU before the move) still need a run on a GPU:
+`.ci/gpu-check bench`.
 """
 
 from __future__ import annotations
@@ -32,3 +34,4 @@ def test_bench_runs_with_the_precisions_a_gpu_would_choose(tmp_path):
     out = result.stdout + result.stderr
     assert "ours" in out and "(bf16, channels_last" in out, out[-2000:]
     assert "trial k=1, seconds" in out and "study of 2 trials, seconds" in out  # the ratio table
+    assert "| augmentation, images/s |" in out and "peak extra host memory" in out
