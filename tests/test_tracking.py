@@ -132,15 +132,17 @@ DEFERRED_STAGE_RUN = """
 import sys, time
 import pipeline.stages.prepare, pipeline.stages.extract, pipeline.stages.audit, pipeline.stages.train_head
 import pipeline.stages.evaluate, pipeline.stages.finetune
-from pipeline.tracking import runs, store
+from pipeline.tracking import logs, runs, store
 
 imported = ["mlflow" in sys.modules]  # after every stage module's imports
 before = time.time()
 with runs.stage_run("probe", "deferred-probe", {"p": 1}, defer=True) as stage:
     imported.append("mlflow" in sys.modules)  # during the work
     time.sleep(0.5)
-    run_id = stage.info.run_id
+    logs.log_metrics({"m": 2.0})  # the first tracking call opens the run
     imported.append("mlflow" in sys.modules)
+    logs.set_tags({"t": "x"})
+    run_id = stage.info.run_id
 try:
     with runs.stage_run("probe-fails", "deferred-probe", {}, defer=True):
         raise ValueError("the work failed")
@@ -148,11 +150,12 @@ except ValueError:
     pass
 found = {r.info.run_name: r for r in store.client().search_runs([store.setup("deferred-probe")])}
 ok, failed = found["probe"], found["probe-fails"]
-print(imported, ok.info.run_id == run_id, ok.info.status, ok.data.params["p"], failed.info.status,
-      abs(ok.info.start_time / 1000 - before) < 0.5, (ok.info.end_time - ok.info.start_time) >= 500)
+print(imported, len(found), ok.info.run_id == run_id, ok.info.status, ok.data.params["p"], ok.data.metrics["m"],
+      ok.data.tags["t"], failed.info.status, abs(ok.info.start_time / 1000 - before) < 0.5,
+      (ok.info.end_time - ok.info.start_time) >= 500)
 """
 
 
 def test_a_deferred_stage_run_imports_mlflow_after_the_work_and_still_spans_it(tmp_path):
     printed = last_line_printed_by(DEFERRED_STAGE_RUN, tmp_path)
-    assert printed == "[False, False, True] True FINISHED 1 FAILED True True"
+    assert printed == "[False, False, True] 2 True FINISHED 1 2.0 x FAILED True True"

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from pipeline import interrupts
 from pipeline.tracking.logs import log_metrics, log_params
-from pipeline.tracking.store import _clock, _overhead, client, setup, timed
+from pipeline.tracking.store import _clock, _overhead, client, defer_run, setup, timed
 
 
 def git_commit() -> str:
@@ -87,6 +87,7 @@ class StageRun:
 
     def start(self):
         """The active MLflow run (opened on the first call)."""
+        defer_run(None)
         if self.run is None:
             import mlflow
 
@@ -121,7 +122,9 @@ def stage_run(stage: str, experiment: str, params: dict, tags: dict | None = Non
     with interrupts.stop_on_signals():
         handle = StageRun(stage, experiment, params, tags, run_name)
         try:
-            if not defer:
+            if defer:
+                defer_run(handle.start)  # opened by the block's first log call, or .start()/.info
+            else:
                 handle.start()
             yield handle
             handle.start()  # a block that logged nothing still leaves its run

@@ -49,12 +49,30 @@ def import_mlflow() -> None:
         import mlflow  # noqa: F401
 
 
+# the stage run waiting to be opened (runs.stage_run(defer=True)); the first log call opens it
+_deferred = {"start": None}
+
+
+def defer_run(start) -> None:
+    """Register (or with None, clear) the opener of a deferred stage run."""
+    _deferred["start"] = start
+
+
+def open_deferred_run() -> None:
+    """Open the deferred stage run, if one waits: a deferred stage's first log call does this,
+    so nothing is logged into no run (or into a run MLflow would start on its own)."""
+    start, _deferred["start"] = _deferred["start"], None
+    if start is not None:
+        start()
+
+
 def timed(fn):
     """Count the wall time of a tracking call, so each stage can report its MLflow overhead."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        open_deferred_run()  # a deferred stage's first tracking call: start-up is counted as such
         with _clock("calls"):
             return fn(*args, **kwargs)
 
