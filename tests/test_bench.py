@@ -27,11 +27,12 @@ def test_bench_runs_with_the_precisions_a_gpu_would_choose(tmp_path):
     params["extract"]["precision"] = "bf16"  # what select_runtime picks on CUDA with bf16 support
     params["finetune"]["precision"] = "bf16"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = subprocess.run([sys.executable, "-m", "pipeline", "bench", "--k", "0,1", "--epochs", "1",
-                             "--trials", "2"], cwd=project, env=project_env(project), capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "pipeline", "bench", "--k", "1", "--epochs", "1",
+                             "--trials", "1"], cwd=project, env=project_env(project), capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
     assert "ours" in out and "(bf16, channels_last" in out, out[-2000:]
-    assert "trial k=1, seconds" in out and "study of 2 trials, seconds" in out  # the ratio table
+    # bf16 training through an unfrozen block (k=1), then the ratio table
+    assert "trial k=1, seconds" in out and "study of 1 trials, seconds" in out
     assert "| augmentation, images/s |" in out and "peak extra host memory" in out
