@@ -130,7 +130,7 @@ def device_batches(images: np.ndarray, rows: np.ndarray, batch_size: int, runtim
     copy per batch.
     """
     per_image = int(np.prod(images.shape[1:])) * images.dtype.itemsize
-    room = RESIDENT_SHARE * min(runtime.free_bytes(), host_available_bytes())
+    room = RESIDENT_SHARE * min(runtime.free_bytes(), host_available_bytes()) / 2  # two chunks live at a handover
     chunk = max(batch_size, int(room) // per_image // batch_size * batch_size)
     for chunk_start in range(0, len(rows), chunk):
         staged = runtime.upload(images, rows[chunk_start : chunk_start + chunk])

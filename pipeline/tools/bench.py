@@ -146,10 +146,10 @@ def naive_extraction(setup: Setup, backbone, device: torch.device) -> float:
     return len(files) / (time.perf_counter() - started)
 
 
-def naive_augment(image: torch.Tensor, size: int) -> torch.Tensor:
-    """The per-image way: torchvision.transforms.v2 on one (3, S, S) uint8 tensor at a time."""
+def naive_augment(size: int):
+    """The per-image way: torchvision.transforms.v2, applied to one (3, S, S) uint8 tensor at a time."""
     return v2.Compose([v2.RandomResizedCrop(size, scale=(0.55, 1.0), antialias=True), v2.RandomHorizontalFlip(),
-                       v2.ColorJitter(brightness=0.25, contrast=0.25)])(image)
+                       v2.ColorJitter(brightness=0.25, contrast=0.25)])
 
 
 def augmentation_rates(setup: Setup, device: torch.device, rounds: int = 3) -> tuple[float, float]:
@@ -158,10 +158,11 @@ def augmentation_rates(setup: Setup, device: torch.device, rounds: int = 3) -> t
     images = np.load(paths.IMAGES, mmap_mode="r")
     pixels = torch.from_numpy(np.ascontiguousarray(images[features.rows("train")]))
     torch.manual_seed(setup.params.seed)
+    transform = naive_augment(setup.size)
     started = time.perf_counter()
     for _ in range(rounds):
         for image in pixels:
-            naive_augment(image.permute(2, 0, 1), setup.size)
+            transform(image.permute(2, 0, 1))
     naive = rounds * len(pixels) / (time.perf_counter() - started)
     on_device = pixels.to(device)
     generator = torch.Generator().manual_seed(setup.params.seed)

@@ -90,12 +90,14 @@ class StageRun:
         defer_run(None)
         if self.run is None:
             import mlflow
+            from mlflow.tracking.context.registry import resolve_tags
 
             self.experiment_id = setup(self.experiment)
             reap_dead_runs(self.experiment_id)
             with _clock("calls"):
-                created = client().create_run(self.experiment_id, start_time=self.started_ms, tags=self.tags,
-                                              run_name=self.run_name)
+                # resolve_tags: the user/source/git tags mlflow.start_run would have added
+                created = client().create_run(self.experiment_id, start_time=self.started_ms,
+                                              tags=resolve_tags(self.tags), run_name=self.run_name)
                 self.run = mlflow.start_run(run_id=created.info.run_id)
             log_params(self.params)
         return self.run
@@ -106,7 +108,8 @@ class StageRun:
         try:
             self.start()
         except Exception:  # the store is unreachable: the stage's own error is the one to show
-            return
+            if self.run is None:
+                return
         _end_all_runs(status, self.experiment_id)
 
 
