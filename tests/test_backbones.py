@@ -137,3 +137,33 @@ def test_cached_activations_reproduce_the_full_forward(k):
         full = Classifier(backbone, head)(x)
         via_cache = top(cached_input)
     assert torch.allclose(via_cache, full, atol=2e-2, rtol=1e-2)
+
+
+def test_extraction_writes_the_same_cache_in_many_device_chunks_as_in_one(tmp_path, monkeypatch):
+    """extract_split stages images in chunks that fit the device and writes one batch behind it:
+    chunk boundaries, the last partial batch and every view land where one chunk puts them."""
+    from pipeline.model import features
+
+    torch.manual_seed(0)
+    backbone = folded_copy(build_backbone("tf_efficientnet_lite0", "none"))
+    images = np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    rows = np.array([9, 0, 3, 5, 1, 7, 2, 8, 6, 4])
+    fp32 = Runtime(torch.device("cpu"), None)
+
+    class NoBar:
+        def update(self, n):
+            pass
+
+    def extract(folder):
+        folder.mkdir()
+        features.extract_split(backbone, images, rows, 2, 2, 4, fp32, 7, folder, "train", NoBar())
+        return {p.name: np.load(p) for p in sorted(folder.glob("*.npy"))}
+
+    one = extract(tmp_path / "one")
+    monkeypatch.setattr(features, "RESIDENT_SHARE", 1e-12)  # room for one batch: a chunk per batch
+    many = extract(tmp_path / "many")
+    assert sorted(one) == ["train_cut1.npy", "train_cut2.npy", "train_pooled.npy"]
+    assert one["train_pooled.npy"].shape[:2] == (10, 2)
+    for name in one:
+        assert np.array_equal(one[name], many[name]), name
+    assert not np.array_equal(one["train_pooled.npy"][:, 0], one["train_pooled.npy"][:, 1])  # view 1 augmented
