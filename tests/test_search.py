@@ -132,7 +132,6 @@ def test_pruned_and_failed_trials_in_mlflow(trained_head, tmp_path, monkeypatch)
     """A pruned trial ends KILLED with pruned_at_epoch; a failed one FAILED with the error."""
     import mlflow
 
-    from pipeline.model import features
     from pipeline.params import load_params
     from pipeline.tracking import store
 
@@ -147,7 +146,8 @@ def test_pruned_and_failed_trials_in_mlflow(trained_head, tmp_path, monkeypatch)
         with pytest.raises(optuna.TrialPruned):
             runner.run_trial(s.ask())
         broken = s.ask()
-        monkeypatch.setattr(features, "source", lambda *a: 1 / 0)
+        # the runner keeps each k's inputs resident, so break its inputs, not features.source
+        monkeypatch.setattr(runner, "sources", lambda *a: 1 / 0)
         with pytest.raises(ZeroDivisionError):
             runner.run_trial(broken)
     client = store.client()

@@ -159,3 +159,50 @@ print(imported, len(found), ok.info.run_id == run_id, ok.info.status, ok.data.pa
 def test_a_deferred_stage_run_imports_mlflow_after_the_work_and_still_spans_it(tmp_path):
     printed = last_line_printed_by(DEFERRED_STAGE_RUN, tmp_path)
     assert printed == "[False, False, True] 2 True FINISHED 1 2.0 x FAILED True True"
+
+
+# SIGKILL while MLflow builds a new SQLite store's tables (it takes many transactions, seconds on a
+# slow disk): the store is built in a temporary file and renamed, so the next process finds no
+# store and makes a whole one — before, it found a half-made file "unreachable" forever after.
+KILLED_WHILE_CREATING_THE_STORE = """
+import os, signal, sqlalchemy
+import mlflow.store.db.utils as db_utils
+from pipeline.tracking import store
+
+statements = []
+
+def killed_in_the_middle_of_the_migrations(engine):
+    def count(*args):
+        statements.append(1)
+        if len(statements) == 900:  # of ~1,700 (MLflow 3.17): inside a migration SQLite cannot undo
+            os.kill(os.getpid(), signal.SIGKILL)
+    sqlalchemy.event.listen(engine, "before_cursor_execute", count)
+    upgrade(engine)
+
+upgrade, db_utils._upgrade_db = db_utils._upgrade_db, killed_in_the_middle_of_the_migrations
+store.setup("creation-probe")
+"""
+
+AFTER_THE_KILL = """
+import sys
+from pipeline.paths import mlruns_dir
+from pipeline.tracking import logs, runs, store
+
+left = sorted(p.name for p in mlruns_dir().iterdir() if "mlflow.db" in p.name)
+with runs.stage_run(sys.argv[1], "creation-probe", {}):
+    logs.log_metrics({"m": 1.0})
+found = store.client().search_runs([store.setup("creation-probe")])
+print(left, [(r.info.run_name, r.info.status, r.data.metrics["m"]) for r in found][::-1])
+"""
+
+
+def test_a_process_killed_while_creating_the_store_leaves_none_half_made(tmp_path):
+    env = {**project_env(tmp_path), "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_CREATING_THE_STORE], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    # the killed creator's temporary file is what it left; the next process makes the store
+    first = last_line_printed_by(AFTER_THE_KILL, tmp_path, "first")
+    assert first.endswith("[('first', 'FINISHED', 1.0)]") and first.startswith("['.mlflow.db.")
+    printed = last_line_printed_by(AFTER_THE_KILL, tmp_path, "second")
+    assert printed == "['mlflow.db'] [('first', 'FINISHED', 1.0), ('second', 'FINISHED', 1.0)]"

@@ -86,7 +86,27 @@ def tracking_uri() -> str:
         return uri
     store = mlruns_dir()
     store.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{store / 'mlflow.db'}"
+    database = store / "mlflow.db"
+    if not database.exists():
+        _create_sqlite_store(database)
+    return f"sqlite:///{database}"
+
+
+def _create_sqlite_store(database) -> None:
+    """Create the project's SQLite store whole or not at all: MLflow builds its tables in many
+    transactions, and a process killed among them used to leave a half-made file that every later
+    process found unreachable. The tables are built in a temporary file, then renamed into place."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    with _clock("startup"), store_lock():
+        if database.exists():  # another process made it while this one waited
+            return
+        for stale in database.parent.glob(f".{database.name}.*.tmp*"):  # left by a killed creator
+            stale.unlink(missing_ok=True)
+        partial = database.with_name(f".{database.name}.{os.getpid()}.tmp")
+        made = SqlAlchemyStore(f"sqlite:///{partial}", artifact_root())
+        made.engine.dispose()  # every connection closed before the file moves
+        os.replace(partial, database)
 
 
 def artifact_root() -> str:
