@@ -104,9 +104,15 @@ def _create_sqlite_store(database) -> None:
         for stale in database.parent.glob(f".{database.name}.*.tmp*"):  # left by a killed creator
             stale.unlink(missing_ok=True)
         partial = database.with_name(f".{database.name}.{os.getpid()}.tmp")
-        made = SqlAlchemyStore(f"sqlite:///{partial}", artifact_root())
-        made.engine.dispose()  # every connection closed before the file moves
-        os.replace(partial, database)
+        try:
+            made = SqlAlchemyStore(f"sqlite:///{partial}", artifact_root())
+            made.engine.dispose()  # every connection closed before the file moves
+            os.replace(partial, database)
+        except Exception as exc:  # a read-only or full disk: one line, not MLflow's traceback
+            raise PipelineError(
+                f"cannot create the MLflow store {database} ({type(exc).__name__}: {exc}) — make "
+                f"{database.parent} writable, or set MLFLOW_TRACKING_URI to a store you can write"
+            ) from None
 
 
 def artifact_root() -> str:
