@@ -156,3 +156,52 @@ def test_unreachable_mlflow_fails_fast_and_clearly(monkeypatch):
     with pytest.raises(PipelineError, match="unreachable"):
         store.setup("transfer-pipeline")
     assert time.monotonic() - started < 30
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed once the block ends: nothing listens there
+
+
+def test_a_stage_that_logs_after_its_work_finds_a_dead_server_before_it(monkeypatch):
+    from pipeline.tracking import runs
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
+    worked = []
+    refused = r"unreachable \(ConnectionRefusedError\).*before the stage's work"
+    with pytest.raises(PipelineError, match=refused), runs.stage_run("train_head", "transfer-pipeline", {}, defer=True):
+        worked.append(True)  # minutes of work in a real stage, lost when the run cannot be logged
+    assert worked == []
+
+
+@pytest.mark.slow  # it listens on a port (tests/conftest.py's cost rule), for a few milliseconds
+def test_the_early_check_passes_a_live_server(monkeypatch):
+    import socket
+
+    from pipeline.tracking.store import check_reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.getsockname()[1]}")
+        check_reachable()
+
+
+def test_the_early_check_passes_a_proxy_and_a_local_file_and_hides_passwords(monkeypatch, tmp_path):
+    from pipeline.tracking.store import check_reachable
+
+    dead = closed_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    check_reachable()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"postgresql+psycopg://team:s3cret@127.0.0.1:{dead}/mlflow")
+    with pytest.raises(PipelineError, match="unreachable") as raised:
+        check_reachable()
+    assert "s3cret" not in str(raised.value) and "team:***@127.0.0.1" in str(raised.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{dead}")  # reached through the proxy only
+    monkeypatch.setenv("http_proxy", "http://proxy.example:3128")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    check_reachable()
