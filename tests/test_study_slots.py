@@ -37,3 +37,29 @@ def test_a_new_trial_takes_the_next_slot(tmp_path):
         trial = s.ask()
         study.suggest(trial, params)
         s.tell(trial, 0.5)
+
+
+def test_each_local_worker_keeps_its_share_of_the_device_for_resident_inputs(monkeypatch):
+    """`finetune --workers 4` with finetune.workers: 1 in params: four processes share the device,
+    so each keeps a quarter of the resident share, not all of it (the helpers learn the count
+    from the environment finetune gives them)."""
+    from pipeline.devices import RESIDENT_SHARE
+    from pipeline.search import loop, trials
+
+    params = load_params(ROOT / "params.yaml")
+    assert params.finetune.workers == 1 and params.finetune.cache
+    shares = []
+
+    class Cached:
+        def resident(self, runtime, share):
+            shares.append(share)
+            return self
+
+    monkeypatch.setattr(trials.features, "source", lambda split, k: Cached())
+    env = loop.helper_env(extra=3)
+    assert env[loop.LOCAL_WORKERS_ENV] == "4"
+    runner = trials.TrialRunner.__new__(trials.TrialRunner)  # only the resident-input part
+    runner.params, runner.runtime, runner._cached = params, None, {}
+    runner.local_workers = int(env[loop.LOCAL_WORKERS_ENV])
+    runner.sources(k=1, seed=0)
+    assert shares == [RESIDENT_SHARE / 4] * 2  # train and val

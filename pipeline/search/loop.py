@@ -110,10 +110,21 @@ def fail_and_retry(s: optuna.Study, trial: optuna.Trial) -> None:
         storage.close_and_retry(s, frozen)
 
 
+# how many processes on this machine share its device, as finetune tells the helpers it spawns
+LOCAL_WORKERS_ENV = "PIPELINE_LOCAL_WORKERS"
+
+
+def helper_env(extra: int) -> dict:
+    """The environment of `extra` helpers beside this process: a share each of the CPU threads
+    and, through LOCAL_WORKERS_ENV, of the device's memory for resident inputs."""
+    threads = max(1, (os.cpu_count() or 1) // (extra + 1))
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PIPELINE_TORCH_THREADS": str(threads),
+            LOCAL_WORKERS_ENV: str(extra + 1)}
+
+
 def spawn_workers(extra: int, params_path: Path, parent_run_id: str) -> list[subprocess.Popen]:
     """Extra local worker processes on the same study, each with a share of the CPU threads."""
-    threads = max(1, (os.cpu_count() or 1) // (extra + 1))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PIPELINE_TORCH_THREADS": str(threads)}
+    env = helper_env(extra)
     command = [sys.executable, "-m", "pipeline", "--params", str(params_path), "worker",
                "--parent-run-id", parent_run_id]
     return [subprocess.Popen(command, env={**env, "PIPELINE_WORKER_ID": str(i)}) for i in range(1, extra + 1)]

@@ -34,8 +34,11 @@ TRIAL_WEIGHTS = "trial_weights.safetensors"
 class TrialRunner:
     """Holds what every trial shares: pristine blocks, the trained head, cached inputs."""
 
-    def __init__(self, params: Params, parent_run_id: str):
+    def __init__(self, params: Params, parent_run_id: str, local_workers: int | None = None):
+        """local_workers: the processes on this machine sharing its device (finetune's --workers,
+        which it passes on to the helpers it spawns); default finetune.workers."""
         self.params = params
+        self.local_workers = local_workers or params.finetune.workers
         self.meta = features.read_meta()
         self.runtime = select_runtime(params.finetune.precision, training=True)
         self.backbone = build_backbone(self.meta["backbone"], self.meta["backbone_weights"])
@@ -54,7 +57,7 @@ class TrialRunner:
         """(train, val) inputs for a trial unfreezing k blocks: cached activations, or live."""
         if self.params.finetune.cache:
             if k not in self._cached:  # held on the device for every trial of this k; workers share it
-                share = RESIDENT_SHARE / self.params.finetune.workers
+                share = RESIDENT_SHARE / self.local_workers
                 self._cached[k] = tuple(features.source(split, k).resident(self.runtime, share)
                                         for split in ("train", "val"))
             return self._cached[k]

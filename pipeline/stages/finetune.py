@@ -25,7 +25,7 @@ from pipeline.model.checkpoints import save_checkpoint
 from pipeline.params import Params
 from pipeline.progress import say
 from pipeline.search import study
-from pipeline.search.loop import count, open_study, run_study, run_trials
+from pipeline.search.loop import LOCAL_WORKERS_ENV, count, open_study, run_study, run_trials
 from pipeline.search.outcome import assemble, checkpoint_config, record_outcome, select
 from pipeline.search.trials import TrialRunner
 from pipeline.tracking import lineage, logs, runs, store
@@ -38,9 +38,9 @@ def worker_main(params: Params, parent_run_id: str | None) -> None:
         torch.set_num_threads(int(threads))
     name = study.study_name(params, holdout.data_hash(), study.inputs_digest())
     worker = int(os.environ.get("PIPELINE_WORKER_ID") or os.getpid())  # spawned by finetune, or by hand
-    if parent_run_id:
+    if parent_run_id:  # spawned by finetune, which says how many share this machine
         store.setup(params.mlflow.experiment)
-        runner = TrialRunner(params, parent_run_id)
+        runner = TrialRunner(params, parent_run_id, int(os.environ.get(LOCAL_WORKERS_ENV) or 0) or None)
         ran = run_trials(params, open_study(params, name), runner.run_trial, worker)
     else:  # a worker on another machine: its own parent run holds its trials
         with runs.stage_run("finetune-worker", params.mlflow.experiment, {},
@@ -54,9 +54,10 @@ def main(params: Params, workers: int | None = None, params_path: Path = paths.P
     name = study.study_name(params, holdout.data_hash(), study.inputs_digest())
     logged = logs.flatten("finetune", vars(params.finetune))
     with runs.stage_run("finetune", params.mlflow.experiment, logged, tags={"optuna_study": name}) as mlrun:
-        runner = TrialRunner(params, mlrun.info.run_id)
+        workers = workers or params.finetune.workers
+        runner = TrialRunner(params, mlrun.info.run_id, local_workers=workers)
         s = open_study(params, name)
-        run_study(params, s, runner.run_trial, workers or params.finetune.workers, params_path, mlrun.info.run_id)
+        run_study(params, s, runner.run_trial, workers, params_path, mlrun.info.run_id)
         ranked, members, decision = select(params, runner, s)
         save_checkpoint(paths.FINETUNED_DIR, assemble(runner, members).state_dict(),
                         checkpoint_config(runner, name, ranked[0], members))
