@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -93,6 +94,19 @@ def test_four_workers_start_together_on_a_new_store(trained_head, tmp_path):
                                 stderr=subprocess.STDOUT, text=True) for _ in range(4)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0, 0, 0], "\n".join(outputs)[-4000:]
+    states = study_states(project)
+    assert states["COMPLETE"] + states["PRUNED"] == n and states["RUNNING"] == 0
+    assert mlflow_statuses(project)["RUNNING"] == 0
+
+
+@pytest.mark.slow
+def test_finetune_with_workers_runs_its_helpers_on_the_same_study(trained_head, tmp_path):
+    """`python -m pipeline finetune --workers 2` (params say 1): the helper it spawns joins the
+    study under finetune's run and exits cleanly; the study ends with exactly n trials."""
+    n = 4
+    project = copy_project(trained_head, tmp_path / "p", {"n_trials": n, "workers": 1})
+    out = run([sys.executable, "-m", "pipeline", "finetune", "--workers", "2"], project).stdout
+    assert len(re.findall(r"^worker: ran \d+ trial\(s\)", out, re.MULTILINE)) == 1, out[-3000:]
     states = study_states(project)
     assert states["COMPLETE"] + states["PRUNED"] == n and states["RUNNING"] == 0
     assert mlflow_statuses(project)["RUNNING"] == 0
