@@ -143,15 +143,11 @@ def test_empty_class_folder_is_a_clear_error(tmp_path):
 
 
 def test_unreachable_mlflow_fails_fast_and_clearly(monkeypatch):
-    import socket
     import time
 
     from pipeline.tracking import store
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
     started = time.monotonic()
     with pytest.raises(PipelineError, match="unreachable"):
         store.setup("transfer-pipeline")
