@@ -1,4 +1,7 @@
-"""The exceptions `__main__` turns into a single line: PipelineError (exit 2), Terminated (143)."""
+"""The exceptions `__main__` turns into a single line: PipelineError (exit 2), Terminated (143);
+and the password-free form of a URI for those lines."""
+
+import urllib.parse
 
 
 class PipelineError(Exception):
@@ -16,3 +19,12 @@ class Terminated(KeyboardInterrupt):
     Exception` on the way (a trial's failure handling, prepare's quarantine) mistakes it for an
     ordinary error.
     """
+
+
+def redacted(uri: str) -> str:
+    """The URI without its password: it goes into an error line, and CI logs are read by many."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))

@@ -173,6 +173,26 @@ def test_a_stage_that_logs_after_its_work_finds_a_dead_server_before_it(monkeypa
     assert worked == []
 
 
+def test_an_optuna_storage_that_cannot_be_opened_is_one_line_naming_it_and_the_fix(tmp_path):
+    """A dead database, a misspelt scheme, a folder that is not there: each is the one line that
+    `__main__` prints (store, the database's reason, the fix), never a SQLAlchemy traceback, and
+    the password stays out of it."""
+    from pipeline.search.storage import make_storage
+
+    dead_database = f"postgresql://team:s3cret@127.0.0.1:{closed_port()}/optuna"
+    missing_folder = f"sqlite:///{tmp_path / 'missing' / 'optuna.db'}"
+    cases = {
+        dead_database: r"OperationalError: .*refused.* — start the database",
+        "postgress://team:s3cret@db.example/optuna": r"NoSuchModuleError: .* — fix OPTUNA_STORAGE \(e\.g\.",
+        missing_folder: r"OperationalError: unable to open .* — check that the file's folder",
+    }
+    for url, expected in cases.items():
+        with pytest.raises(PipelineError, match=expected) as raised:
+            make_storage(url)
+        line = str(raised.value)
+        assert line.startswith("Optuna storage ") and "\n" not in line and "s3cret" not in line, line
+
+
 @pytest.mark.slow  # it listens on a port (tests/conftest.py's cost rule), for a few milliseconds
 def test_the_early_check_passes_a_live_server(monkeypatch):
     import socket

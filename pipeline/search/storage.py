@@ -6,11 +6,14 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import urllib.parse
 import warnings
 
 import optuna
 from optuna.trial import TrialState
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from pipeline.errors import PipelineError, redacted
 from pipeline.paths import mlruns_dir
 from pipeline.tracking import runs
 
@@ -31,15 +34,38 @@ def make_storage(url: str | None = None) -> optuna.storages.BaseStorage:
         path = url.removeprefix("journal:")
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9, and documented
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=STALE_AFTER_SECONDS,
-            heartbeat_stale_trial_callback=close_and_retry,
-        )
+    try:
+        with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9, and documented
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=STALE_AFTER_SECONDS,
+                heartbeat_stale_trial_callback=close_and_retry,
+            )
+    except (SQLAlchemyError, ImportError, RuntimeError) as exc:  # RuntimeError: an old schema
+        raise PipelineError(_cannot_open(url, exc)) from None
+
+
+def _cannot_open(url: str, exc: BaseException) -> str:
+    """One line naming the store (password hidden), the database's own reason, and the fix."""
+    cause = getattr(exc, "orig", None) or exc.__cause__ or exc  # the driver's error, not the wrapper's
+    reason = (str(cause).strip().splitlines() or [""])[0]
+    password = urllib.parse.urlsplit(url).password
+    if password:
+        reason = reason.replace(password, "***")
+    return f"Optuna storage {redacted(url)} cannot be opened ({type(cause).__name__}: {reason}) — {_fix(url, exc)}"
+
+
+def _fix(url: str, exc: BaseException) -> str:
+    if isinstance(exc, ImportError):
+        return "install the database driver it names, or fix OPTUNA_STORAGE"
+    if isinstance(exc, ArgumentError):
+        return "fix OPTUNA_STORAGE (e.g. postgresql://user:password@host/db)"
+    if url.startswith("sqlite"):
+        return "check that the file's folder exists and is writable, or fix OPTUNA_STORAGE"
+    return "start the database or fix OPTUNA_STORAGE"
 
 
 def fail_stale_trials(s: optuna.Study) -> None:

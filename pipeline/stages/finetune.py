@@ -38,9 +38,10 @@ def worker_main(params: Params, parent_run_id: str | None) -> None:
         torch.set_num_threads(int(threads))
     name = study.study_name(params, holdout.data_hash(), study.inputs_digest())
     worker = int(os.environ.get("PIPELINE_WORKER_ID") or os.getpid())  # spawned by finetune, or by hand
-    if parent_run_id:  # spawned by finetune, which says how many share this machine
+    if parent_run_id:  # spawned by finetune, which says how many processes share this machine
         store.setup(params.mlflow.experiment)
-        runner = TrialRunner(params, parent_run_id, int(os.environ.get(LOCAL_WORKERS_ENV) or 0) or None)
+        sharing = os.environ.get(LOCAL_WORKERS_ENV)
+        runner = TrialRunner(params, parent_run_id, int(sharing) if sharing else None)
         ran = run_trials(params, open_study(params, name), runner.run_trial, worker)
     else:  # a worker on another machine: its own parent run holds its trials
         with runs.stage_run("finetune-worker", params.mlflow.experiment, {},

@@ -11,7 +11,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, redacted
 from pipeline.paths import mlruns_dir
 
 # MLflow's defaults retry an unreachable server for ~4 minutes; a user wants to know in seconds.
@@ -140,16 +140,7 @@ def check_reachable() -> None:
         port = parts.port or DEFAULT_PORTS[scheme]
         socket.create_connection((parts.hostname, port), timeout=10).close()
     except (OSError, ValueError) as exc:  # refused, timed out, unknown host, bad port
-        raise PipelineError(_unreachable(_redacted(uri), exc) + " (checked before the stage's work)") from None
-
-
-def _redacted(uri: str) -> str:
-    """The URI without its password: it goes into an error line, and CI logs are read by many."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+        raise PipelineError(_unreachable(redacted(uri), exc) + " (checked before the stage's work)") from None
 
 
 def _unreachable(uri: str, exc: BaseException) -> str:
@@ -213,7 +204,7 @@ def _setup(experiment: str) -> str:
                     if key not in found.tags:  # made before this release, or by MLflow itself
                         client().set_experiment_tag(exp_id, key, value)
     except Exception as exc:
-        raise PipelineError(_unreachable(_redacted(uri), exc)) from None
+        raise PipelineError(_unreachable(redacted(uri), exc)) from None
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
