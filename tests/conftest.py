@@ -55,6 +55,14 @@ def project_env(project: Path) -> dict:
     return env
 
 
+def free_port() -> int:
+    """A local port nothing listens on (the probe socket is closed when this returns): for a
+    server to take, or to stand for a server that is down."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(cmd: list[str], cwd: Path, timeout: int = 600, check: bool = True, env: dict | None = None):
     """env: variables to set on top of project_env (e.g. a shared MLFLOW_TRACKING_URI)."""
     result = subprocess.run(cmd, cwd=cwd, env={**project_env(cwd), **(env or {})}, capture_output=True,

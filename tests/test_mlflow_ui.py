@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import BIN, project_env, run
+from conftest import BIN, free_port, project_env, run
 
 pytestmark = pytest.mark.slow
 
@@ -83,12 +82,6 @@ def test_one_run_per_pipeline_run_carries_params_metrics_and_its_stages(two_pipe
     second_children = {stage_of[i] for i, p in parent_of.items() if p == second.info.run_id}
     assert second_children == {"finetune", "evaluate"}  # what the experiment re-ran
     assert second.data.tags["prepare_run_id"] == first.data.tags["prepare_run_id"]  # linked, not re-run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def render(url: str, screenshot: Path) -> str:

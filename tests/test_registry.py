@@ -7,7 +7,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import BIN, project_env, run
+from conftest import BIN, free_port, project_env, run
 from PIL import Image
 
 from pipeline.tracking.gate import decide, mcnemar_exact_p
@@ -148,12 +147,6 @@ def test_the_registered_model_returns_probabilities_calibrated_on_validation(reg
     assert float(version.tags["onnx.top1_agreement"]) >= 0.999
     onnx_files = {a.path for a in MlflowClient(tracking_uri(registered)).list_artifacts(version.run_id, "onnx")}
     assert "onnx/model.onnx" in onnx_files
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import struct
 import zlib
 
 import pytest
+from conftest import free_port
 from PIL import Image
 
 from pipeline.data.datasets import scan_source, validate_files
@@ -147,30 +148,11 @@ def test_unreachable_mlflow_fails_fast_and_clearly(monkeypatch):
 
     from pipeline.tracking import store
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     started = time.monotonic()
     with pytest.raises(PipelineError, match="unreachable"):
         store.setup("transfer-pipeline")
     assert time.monotonic() - started < 30
-
-
-def closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed once the block ends: nothing listens there
-
-
-def test_a_stage_that_logs_after_its_work_finds_a_dead_server_before_it(monkeypatch):
-    from pipeline.tracking import runs
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
-    worked = []
-    refused = r"unreachable \(ConnectionRefusedError\).*before the stage's work"
-    with pytest.raises(PipelineError, match=refused), runs.stage_run("train_head", "transfer-pipeline", {}, defer=True):
-        worked.append(True)  # minutes of work in a real stage, lost when the run cannot be logged
-    assert worked == []
 
 
 def test_an_optuna_storage_that_cannot_be_opened_is_one_line_naming_it_and_the_fix(tmp_path):
@@ -179,7 +161,7 @@ def test_an_optuna_storage_that_cannot_be_opened_is_one_line_naming_it_and_the_f
     the password stays out of it."""
     from pipeline.search.storage import make_storage
 
-    dead_database = f"postgresql://team:s3cret@127.0.0.1:{closed_port()}/optuna"
+    dead_database = f"postgresql://team:s3cret@127.0.0.1:{free_port()}/optuna"
     missing_folder = f"sqlite:///{tmp_path / 'missing' / 'optuna.db'}"
     cases = {
         dead_database: r"OperationalError: .*refused.* — start the database",
@@ -191,33 +173,3 @@ def test_an_optuna_storage_that_cannot_be_opened_is_one_line_naming_it_and_the_f
             make_storage(url)
         line = str(raised.value)
         assert line.startswith("Optuna storage ") and "\n" not in line and "s3cret" not in line, line
-
-
-@pytest.mark.slow  # it listens on a port (tests/conftest.py's cost rule), for a few milliseconds
-def test_the_early_check_passes_a_live_server(monkeypatch):
-    import socket
-
-    from pipeline.tracking.store import check_reachable
-
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.getsockname()[1]}")
-        check_reachable()
-
-
-def test_the_early_check_passes_a_proxy_and_a_local_file_and_hides_passwords(monkeypatch, tmp_path):
-    from pipeline.tracking.store import check_reachable
-
-    dead = closed_port()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    check_reachable()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"postgresql+psycopg://team:s3cret@127.0.0.1:{dead}/mlflow")
-    with pytest.raises(PipelineError, match="unreachable") as raised:
-        check_reachable()
-    assert "s3cret" not in str(raised.value) and "team:***@127.0.0.1" in str(raised.value)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{dead}")  # reached through the proxy only
-    monkeypatch.setenv("http_proxy", "http://proxy.example:3128")
-    for name in ("no_proxy", "NO_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    check_reachable()

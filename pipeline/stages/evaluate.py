@@ -32,7 +32,7 @@ from pipeline.reporting.calibration_plot import calibration_diagram
 from pipeline.reporting.saliency import MAX_SALIENCY_IMAGES, saliency_grid
 from pipeline.serving import onnx_export
 from pipeline.serving.classifier import MODEL_CODE, PIP_REQUIREMENTS, ImageClassifier, input_example, to_png_bytes
-from pipeline.tracking import gate, lineage, logs, registry, runs, store
+from pipeline.tracking import gate, lineage, logs, preflight, registry, runs
 
 MODELS = {"finetuned": paths.FINETUNED_DIR, "head_only": paths.HEAD_DIR}
 
@@ -62,7 +62,7 @@ class TestScores:
 
 
 def main(params: Params) -> None:
-    store.check_reachable()  # a tracking server that is down fails before the scoring, not after
+    preflight.check_reachable(params.mlflow.experiment)  # a dead server fails before the scoring, not after
     # what serving runs on (this machine's fastest device); auto fills that device
     batch_size = select_runtime("auto").inference_batch_size(params.evaluate.batch_size)
     scores = score_test_split(batch_size)

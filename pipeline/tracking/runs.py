@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 from pipeline import interrupts
 from pipeline.tracking.logs import log_metrics, log_params
-from pipeline.tracking.store import _clock, _overhead, check_reachable, client, defer_run, setup, timed
+from pipeline.tracking.preflight import check_reachable
+from pipeline.tracking.store import _clock, _overhead, client, defer_run, setup, timed
 
 
 def git_commit() -> str:
@@ -125,7 +126,7 @@ def stage_run(stage: str, experiment: str, params: dict, tags: dict | None = Non
     with interrupts.stop_on_signals():
         handle = StageRun(stage, experiment, params, tags, run_name)
         if defer:  # a server that is down fails now, not after the work (no run to end yet)
-            check_reachable()
+            check_reachable(experiment)
         try:
             if defer:
                 defer_run(handle.start)  # opened by the block's first log call, or .start()/.info

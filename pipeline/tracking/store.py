@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 
 from pipeline.errors import PipelineError, redacted
 from pipeline.paths import mlruns_dir
+from pipeline.tracking.preflight import unreachable
 
 # MLflow's defaults retry an unreachable server for ~4 minutes; a user wants to know in seconds.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -118,36 +116,6 @@ def _create_sqlite_store(database) -> None:
             ) from None
 
 
-# the ports a tracking URI means when it names none (MLflow's database URIs are SQLAlchemy's)
-DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
-
-
-def check_reachable() -> None:
-    """Fail now, in milliseconds and without importing MLflow, when MLFLOW_TRACKING_URI names a
-    server nothing answers at — a stage that logs only after its work would otherwise do minutes
-    of work, then fail and have DVC record none of it. Only the TCP connection is tried: any
-    answer means a server is there. Skipped when a proxy stands between (the connection is then
-    the proxy's to make) and for stores with no host (a local SQLite file, a Unix socket)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    parts = urllib.parse.urlsplit(uri)
-    scheme = parts.scheme.split("+")[0]  # postgresql+psycopg -> postgresql
-    if scheme not in DEFAULT_PORTS or not parts.hostname:
-        return
-    if scheme.startswith("http") and scheme in urllib.request.getproxies() \
-            and not urllib.request.proxy_bypass(parts.hostname):
-        return
-    try:
-        port = parts.port or DEFAULT_PORTS[scheme]
-        socket.create_connection((parts.hostname, port), timeout=10).close()
-    except (OSError, ValueError) as exc:  # refused, timed out, unknown host, bad port
-        raise PipelineError(_unreachable(redacted(uri), exc) + " (checked before the stage's work)") from None
-
-
-def _unreachable(uri: str, exc: BaseException) -> str:
-    return (f"MLflow tracking store {uri} is unreachable ({type(exc).__name__}) — start the server "
-            "or fix MLFLOW_TRACKING_URI")
-
-
 def artifact_root() -> str:
     return (mlruns_dir() / "artifacts").as_uri()
 
@@ -204,7 +172,7 @@ def _setup(experiment: str) -> str:
                     if key not in found.tags:  # made before this release, or by MLflow itself
                         client().set_experiment_tag(exp_id, key, value)
     except Exception as exc:
-        raise PipelineError(_unreachable(redacted(uri), exc)) from None
+        raise PipelineError(unreachable(redacted(uri), exc)) from None
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 

@@ -1,0 +1,209 @@
+"""The check before a stage's work: a tracking server that is down, rejects our credentials or is
+not MLflow fails the stage in seconds, before minutes of work that could then not be logged."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+
+import pytest
+from conftest import BIN, free_port, project_env, run
+
+from pipeline.errors import PipelineError
+from pipeline.tracking import preflight, runs
+
+pytestmark = pytest.mark.fault
+EXPERIMENT = "transfer-pipeline"
+CREDENTIALS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def test_a_stage_that_logs_after_its_work_finds_a_dead_server_before_it(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    worked = []
+    refused = r"unreachable \(ConnectionRefusedError\).*before the stage's work"
+    with pytest.raises(PipelineError, match=refused), runs.stage_run("train_head", EXPERIMENT, {}, defer=True):
+        worked.append(True)  # minutes of work in a real stage, lost when the run cannot be logged
+    assert worked == []
+
+
+def test_the_early_check_passes_a_proxy_and_a_local_file_and_hides_passwords(monkeypatch, tmp_path):
+    dead = free_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    preflight.check_reachable(EXPERIMENT)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"postgresql+psycopg://team:s3cret@127.0.0.1:{dead}/mlflow")
+    with pytest.raises(PipelineError, match="unreachable") as raised:
+        preflight.check_reachable(EXPERIMENT)
+    assert "s3cret" not in str(raised.value) and "team:***@127.0.0.1" in str(raised.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{dead}")  # reached through the proxy only
+    monkeypatch.setenv("http_proxy", "http://proxy.example:3128")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    preflight.check_reachable(EXPERIMENT)
+
+
+class ScriptedServer(http.server.ThreadingHTTPServer):
+    """Answers every GET with self.answer (status, content type, body) and keeps the requests."""
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), ScriptedHandler)
+        self.answer = (404, "application/json", {"error_code": "RESOURCE_DOES_NOT_EXIST"})
+        self.seen: list[tuple[str, str | None]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class ScriptedHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.server.seen.append((self.path, self.headers.get("Authorization")))
+        status, kind, body = self.server.answer
+        data = json.dumps(body).encode() if kind == "application/json" else body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def scripted_server():
+    server = ScriptedServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.slow  # it listens on a port (tests/conftest.py's cost rule), for milliseconds
+def test_the_early_check_reads_the_servers_answer(monkeypatch, scripted_server):
+    """MLflow's own answer passes and carries MLflow's credentials; a refusal of them, or a web
+    server that is not MLflow, fails with the fix; an answer that proves nothing passes."""
+    for name in (*CREDENTIALS, *preflight.PLUGIN_AUTH):
+        monkeypatch.delenv(name, raising=False)
+    server = scripted_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url + "/")
+    preflight.check_reachable("shapes & co")  # MLflow's "no such experiment": a server that takes runs
+    assert server.seen == [("/api/2.0/mlflow/experiments/get-by-name?experiment_name=shapes+%26+co", None)]
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ann")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw")
+    server.answer = (200, "application/json", {"experiment": {"experiment_id": "1"}})
+    preflight.check_reachable(EXPERIMENT)
+    assert server.seen[-1][1] == "Basic " + base64.b64encode(b"ann:pw").decode()
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok")
+    preflight.check_reachable(EXPERIMENT)
+    assert server.seen[-1][1] == "Bearer tok"
+
+    for name in CREDENTIALS:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url.replace("//", "//bob:s3cret@"))
+    server.answer = (401, "text/plain", "You are not authenticated.")
+    rejected = r"rejected the credentials \(HTTP 401\) — set MLFLOW_TRACKING_USERNAME"
+    with pytest.raises(PipelineError, match=rejected) as no:
+        preflight.check_reachable(EXPERIMENT)
+    assert server.seen[-1][1] == "Basic " + base64.b64encode(b"bob:s3cret").decode()  # as requests sends it
+    assert "s3cret" not in str(no.value) and "bob:***@" in str(no.value)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url + "/mlflow")
+    for status in (200, 404):  # a login page, another site's "not found"
+        server.answer = (status, "text/html", "<html>Not here</html>")
+        with pytest.raises(PipelineError, match=rf"not as an MLflow tracking server \(HTTP {status} to /mlflow/api"):
+            preflight.check_reachable(EXPERIMENT)
+
+    server.answer = (503, "text/html", "<html>Busy</html>")  # proves nothing: MLflow's call decides
+    preflight.check_reachable(EXPERIMENT)
+    monkeypatch.setenv("MLFLOW_TRACKING_AUTH", "my_plugin")  # plugin auth: not ours to imitate
+    server.answer = (401, "text/plain", "no")
+    asked = len(server.seen)
+    preflight.check_reachable(EXPERIMENT)
+    assert len(server.seen) == asked
+
+
+@pytest.mark.slow  # it listens on a port
+def test_a_server_that_accepts_but_never_answers_is_left_to_mlflow(monkeypatch):
+    monkeypatch.setattr(preflight, "TIMEOUT_SECONDS", 0.5)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        started = time.monotonic()
+        preflight.check_reachable(EXPERIMENT)
+    assert time.monotonic() - started < 5
+
+
+@pytest.fixture
+def basic_auth_server(tmp_path):
+    """A real `mlflow server --app-name basic-auth` (MLflow's own user store), admin's password known."""
+    port, password = free_port(), "adm1n-s3cret"
+    config = tmp_path / "basic_auth.ini"
+    config.write_text("[mlflow]\ndefault_permission = READ\n"
+                      f"database_uri = sqlite:///{tmp_path / 'users.db'}\nadmin_username = admin\n"
+                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    env = {**project_env(tmp_path), "MLFLOW_AUTH_CONFIG_PATH": str(config),
+           "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": "tests-only"}
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--backend-store-uri",
+                               f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination",
+                               str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).read() == b"OK":
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        server.kill()
+        pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+    yield url, password
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
+
+
+@pytest.mark.slow
+def test_a_real_mlflow_server_that_rejects_the_credentials_stops_a_stage_before_its_work(project, basic_auth_server):
+    """`prepare` (it logs at its end) against MLflow's basic-auth server: without the password it
+    stops before decoding a single image; with it, the same stage runs and lands on the server."""
+    url, password = basic_auth_server
+    run([str(BIN / "python"), "-m", "pipeline", "shapes"], project)
+    stage = [str(BIN / "python"), "-m", "pipeline", "prepare"]
+    for wrong in ({}, {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "guess"}):
+        refused = run(stage, project, check=False, env={"MLFLOW_TRACKING_URI": url, **wrong})
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.strip().splitlines()[-1] == (
+            f"error: MLflow tracking store {url} rejected the credentials (HTTP 401) — set MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account that may write there (checked "
+            "before the stage's work)")
+        assert not (project / "data" / "prepared").exists()
+
+    wrong_path = run(stage, project, check=False, env={"MLFLOW_TRACKING_URI": f"{url}/mlflow",
+                                                       "MLFLOW_TRACKING_USERNAME": "admin",
+                                                       "MLFLOW_TRACKING_PASSWORD": password})
+    assert wrong_path.returncode == 2 and "not as an MLflow tracking server (HTTP 404" in wrong_path.stderr
+
+    admin = {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+    run(stage, project, env=admin)
+    assert (project / "data" / "prepared" / "classes.json").exists()
+    auth = {"Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()}
+    experiment = json.loads(urllib.request.urlopen(urllib.request.Request(
+        f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={EXPERIMENT}", headers=auth), timeout=10).read())
+    search = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json", **auth},
+        data=json.dumps({"experiment_ids": [experiment["experiment"]["experiment_id"]]}).encode())
+    found = json.loads(urllib.request.urlopen(search, timeout=10).read())["runs"]
+    assert [(r["info"]["run_name"], r["info"]["status"]) for r in found] == [("prepare", "FINISHED")]
