@@ -4,6 +4,7 @@ not MLflow fails the stage in seconds, before minutes of work that could then no
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import json
 import socket
@@ -131,7 +132,7 @@ def test_the_early_check_reads_the_servers_answer(monkeypatch, scripted_server):
 
 
 @pytest.mark.slow  # it listens on a port
-def test_a_server_that_accepts_but_never_answers_is_left_to_mlflow(monkeypatch):
+def test_a_server_that_never_answers_or_does_not_speak_http_is_left_to_mlflow(monkeypatch):
     monkeypatch.setattr(preflight, "TIMEOUT_SECONDS", 0.5)
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
@@ -139,7 +140,22 @@ def test_a_server_that_accepts_but_never_answers_is_left_to_mlflow(monkeypatch):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{silent.getsockname()[1]}")
         started = time.monotonic()
         preflight.check_reachable(EXPERIMENT)
-    assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 5
+
+    with socket.socket() as other:  # e.g. the database's port by mistake: bytes that are not HTTP
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+
+        def babble():
+            for _ in range(2):  # the TCP probe's connection, then the HTTP request's
+                connection, _address = other.accept()
+                with contextlib.suppress(OSError), connection:
+                    connection.sendall(b"\x00\x01 not http\r\n\r\n")
+                    connection.recv(1024)
+
+        threading.Thread(target=babble, daemon=True).start()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{other.getsockname()[1]}")
+        preflight.check_reachable(EXPERIMENT)
 
 
 @pytest.fixture

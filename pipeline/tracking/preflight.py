@@ -5,6 +5,7 @@ do minutes of it, then fail and have DVC record none of it."""
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import socket
@@ -62,11 +63,8 @@ def _check_it_takes_runs(uri: str, experiment: str) -> None:
                                    "/api/2.0/mlflow/experiments/get-by-name", query, ""))
     request = urllib.request.Request(url, headers=_auth_headers(parts))
     try:  # the TLS context inside: a missing certificate file is MLflow's to report
-        with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS, context=_tls_context(parts)) as answer:
-            status, body = answer.status, answer.read(65536)
-    except urllib.error.HTTPError as error:
-        status, body = error.code, error.read(65536)
-    except (OSError, ValueError, ssl.SSLError):  # TLS set-up, timeouts: MLflow's own call decides
+        status, body = _get(request, _tls_context(parts))
+    except (OSError, ValueError, http.client.HTTPException):  # TLS, timeouts, not HTTP: MLflow decides
         return
     where = f"MLflow tracking store {redacted(uri)}"
     if status in (401, 403):
@@ -79,6 +77,17 @@ def _check_it_takes_runs(uri: str, experiment: str) -> None:
             f"{where} answers, but not as an MLflow tracking server (HTTP {status} to "
             f"{parts.path.rstrip('/')}/api/2.0/mlflow/…) — set MLFLOW_TRACKING_URI to the server's "
             "root, e.g. http://host:5000 (checked before the stage's work)")
+
+
+def _get(request: urllib.request.Request, context: ssl.SSLContext | None) -> tuple[int, bytes]:
+    """The status and the body (whole: a cut-off JSON answer would read as not MLflow's), of an
+    error status too."""
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS, context=context) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read()
 
 
 def _auth_headers(parts: urllib.parse.SplitResult) -> dict[str, str]:
@@ -101,9 +110,10 @@ def _tls_context(parts: urllib.parse.SplitResult) -> ssl.SSLContext | None:
     """MLflow's TLS settings; a context that differs from requests' only makes the check give up."""
     if parts.scheme != "https":
         return None
-    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
-        return ssl._create_unverified_context()
     context = ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None)
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     client_cert = os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH")
     if client_cert:
         context.load_cert_chain(client_cert)
