@@ -1,5 +1,5 @@
 """The exceptions `__main__` turns into a single line: PipelineError (exit 2), Terminated (143);
-and the password-free form of a URI for those lines."""
+and the password-free forms of a URI and of an error's reason for those lines."""
 
 import urllib.parse
 
@@ -28,3 +28,13 @@ def redacted(uri: str) -> str:
         return uri
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def reason(exc: BaseException, uri: str) -> str:
+    """The exception's first line, cut short, without the password of uri (a library's message
+    may quote the whole URL)."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    password = urllib.parse.urlsplit(uri).password
+    if password:
+        text = text.replace(password, "***")
+    return text if len(text) <= 300 else text[:299] + "…"

@@ -115,6 +115,8 @@ def test_the_early_check_reads_the_servers_answer(monkeypatch, scripted_server):
         preflight.check_reachable(EXPERIMENT)
     assert server.seen[-1][1] == "Basic " + base64.b64encode(b"bob:s3cret").decode()  # as requests sends it
     assert "s3cret" not in str(no.value) and "bob:***@" in str(no.value)
+    with pytest.raises(PipelineError, match=rejected), runs.stage_run("finetune", EXPERIMENT, {}):
+        pytest.fail("a stage whose run opens at once is checked too, not left to MLflow's own error")
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url + "/mlflow")
     for status in (200, 404):  # a login page, another site's "not found"

@@ -6,14 +6,13 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import urllib.parse
 import warnings
 
 import optuna
 from optuna.trial import TrialState
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from pipeline.errors import PipelineError, redacted
+from pipeline.errors import PipelineError, reason, redacted
 from pipeline.paths import mlruns_dir
 from pipeline.tracking import runs
 
@@ -51,11 +50,8 @@ def make_storage(url: str | None = None) -> optuna.storages.BaseStorage:
 def _cannot_open(url: str, exc: BaseException) -> str:
     """One line naming the store (password hidden), the database's own reason, and the fix."""
     cause = getattr(exc, "orig", None) or exc.__cause__ or exc  # the driver's error, not the wrapper's
-    reason = (str(cause).strip().splitlines() or [""])[0]
-    password = urllib.parse.urlsplit(url).password
-    if password:
-        reason = reason.replace(password, "***")
-    return f"Optuna storage {redacted(url)} cannot be opened ({type(cause).__name__}: {reason}) — {_fix(url, exc)}"
+    why = f"{type(cause).__name__}: {reason(cause, url)}"
+    return f"Optuna storage {redacted(url)} cannot be opened ({why}) — {_fix(url, exc)}"
 
 
 def _fix(url: str, exc: BaseException) -> str:

@@ -43,14 +43,10 @@ def check_reachable(experiment: str) -> None:
         port = parts.port or DEFAULT_PORTS[scheme]
         socket.create_connection((parts.hostname, port), timeout=TIMEOUT_SECONDS).close()
     except (OSError, ValueError) as exc:  # refused, timed out, unknown host, bad port
-        raise PipelineError(unreachable(redacted(uri), exc) + " (checked before the stage's work)") from None
+        raise PipelineError(f"MLflow tracking store {redacted(uri)} is unreachable ({type(exc).__name__}) — start "
+                            "the server or fix MLFLOW_TRACKING_URI (checked before the stage's work)") from None
     if scheme.startswith("http") and not any(os.environ.get(name) for name in PLUGIN_AUTH):
         _check_it_takes_runs(uri, experiment)
-
-
-def unreachable(uri: str, exc: BaseException) -> str:
-    return (f"MLflow tracking store {uri} is unreachable ({type(exc).__name__}) — start the server "
-            "or fix MLFLOW_TRACKING_URI")
 
 
 def _check_it_takes_runs(uri: str, experiment: str) -> None:

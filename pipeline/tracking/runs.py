@@ -125,8 +125,9 @@ def stage_run(stage: str, experiment: str, params: dict, tags: dict | None = Non
     began = time.perf_counter()
     with interrupts.stop_on_signals():
         handle = StageRun(stage, experiment, params, tags, run_name)
-        if defer:  # a server that is down fails now, not after the work (no run to end yet)
-            check_reachable(experiment)
+        # a server that is down or refuses us fails now, with its reason, not after the work
+        # (deferred) or as MLflow's error (a run opened at once); there is no run to end yet
+        check_reachable(experiment)
         try:
             if defer:
                 defer_run(handle.start)  # opened by the block's first log call, or .start()/.info

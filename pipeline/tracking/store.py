@@ -8,9 +8,8 @@ import os
 import time
 from collections.abc import Iterator
 
-from pipeline.errors import PipelineError, redacted
+from pipeline.errors import PipelineError, reason, redacted
 from pipeline.paths import mlruns_dir
-from pipeline.tracking.preflight import unreachable
 
 # MLflow's defaults retry an unreachable server for ~4 minutes; a user wants to know in seconds.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -171,8 +170,10 @@ def _setup(experiment: str) -> str:
                 for key, value in EXPERIMENT_KIND.items():
                     if key not in found.tags:  # made before this release, or by MLflow itself
                         client().set_experiment_tag(exp_id, key, value)
-    except Exception as exc:
-        raise PipelineError(unreachable(redacted(uri), exc)) from None
+    except Exception as exc:  # MLflow's message quotes the URL it called: its password hidden
+        raise PipelineError(f"MLflow tracking store {redacted(uri)} is unreachable or refused the request "
+                            f"({type(exc).__name__}: {reason(exc, uri)}) — start the server or fix "
+                            "MLFLOW_TRACKING_URI") from None
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
