@@ -164,23 +164,25 @@ def test_a_deferred_stage_run_imports_mlflow_after_the_work_and_still_spans_it(t
 # SIGKILL while MLflow builds a new SQLite store's tables (it takes many transactions, seconds on a
 # slow disk): the store is built in a temporary file and renamed, so the next process finds no
 # store and makes a whole one — before, it found a half-made file "unreachable" forever after.
+# argv[1]: the SQL statement to be killed at (0: none; print how many building the store took)
 KILLED_WHILE_CREATING_THE_STORE = """
-import os, signal, sqlalchemy
+import os, signal, sys, sqlalchemy
 import mlflow.store.db.utils as db_utils
 from pipeline.tracking import store
 
-statements = []
+statements, kill_at = [], int(sys.argv[1])
 
 def killed_in_the_middle_of_the_migrations(engine):
     def count(*args):
         statements.append(1)
-        if len(statements) == 900:  # of ~1,700 (MLflow 3.17): inside a migration SQLite cannot undo
+        if len(statements) == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
     sqlalchemy.event.listen(engine, "before_cursor_execute", count)
     upgrade(engine)
 
 upgrade, db_utils._upgrade_db = db_utils._upgrade_db, killed_in_the_middle_of_the_migrations
 store.setup("creation-probe")
+print(len(statements))
 """
 
 AFTER_THE_KILL = """
@@ -198,8 +200,14 @@ print(left, [(r.info.run_name, r.info.status, r.data.metrics["m"]) for r in foun
 
 def test_a_process_killed_while_creating_the_store_leaves_none_half_made(tmp_path):
     env = {**project_env(tmp_path), "PYTHONPATH": str(ROOT)}
-    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_CREATING_THE_STORE], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120)
+    (tmp_path / "whole").mkdir()
+    built = subprocess.run([sys.executable, "-c", KILLED_WHILE_CREATING_THE_STORE, "0"], cwd=tmp_path / "whole",
+                           env=env, capture_output=True, text=True, timeout=120, check=True)
+    # halfway through MLflow's migrations (~1,700 statements in 3.17), whatever their number in this
+    # release: inside a migration SQLite cannot undo
+    halfway = int(built.stdout.split()[-1]) // 2
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_CREATING_THE_STORE, str(halfway)], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=120)
     assert killed.returncode == -9, killed.stderr[-2000:]
     # the killed creator's temporary file is what it left; the next process makes the store
     first = last_line_printed_by(AFTER_THE_KILL, tmp_path, "first")
