@@ -36,3 +36,4 @@ def test_bench_runs_with_the_precisions_a_gpu_would_choose(tmp_path):
     # bf16 training through an unfrozen block (k=1), then the ratio table
     assert "trial k=1, seconds" in out and "study of 1 trials, seconds" in out
     assert "| augmentation, images/s |" in out and "peak extra host memory" in out
+    assert "| decoding the folder (prepare), images/s |" in out

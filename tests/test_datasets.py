@@ -1,4 +1,6 @@
+import dataclasses
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,3 +118,66 @@ def test_too_small_class_is_a_clear_error():
 def test_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(PipelineError, match="not a folder"):
         scan_source(tmp_path / "missing")
+
+
+def a_folder_of_every_outcome(root):
+    """Good images in two classes (one in a sub-folder), a broken file, a same-class copy and a
+    cross-class conflict: every branch of validation, spread over more files than threads."""
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (root / label / "nested").mkdir(parents=True)
+        for i in range(12):
+            folder = root / label / ("nested" if i % 4 == 0 else "")
+            (folder / f"{i:02d}.png").write_bytes(png_bytes(rng.integers(0, 256, (20 + i, 24, 3), np.uint8)))
+    (root / "a" / "broken.jpg").write_bytes(b"nope")
+    (root / "a" / "copy.png").write_bytes((root / "a" / "01.png").read_bytes())
+    (root / "b" / "conflict.png").write_bytes((root / "a" / "02.png").read_bytes())
+
+
+def test_threaded_decoding_gives_the_result_of_decoding_one_by_one(tmp_path):
+    a_folder_of_every_outcome(tmp_path)
+    _, files, _ = scan_source(tmp_path)
+    one = validate_files(tmp_path, files, 16, 10**8, threads=1)
+    scratch = np.zeros((len(files), 16, 16, 3), np.uint8)
+    many = validate_files(tmp_path, files, 16, 10**8, decoded_into=scratch, threads=4)
+    assert (many.quarantined, many.duplicates) == (one.quarantined, one.duplicates)
+    assert [(a.relative, a.sha256) for a in many.accepted] == [(a.relative, a.sha256) for a in one.accepted]
+    assert len(one.accepted) == 23 and len(one.quarantined) == 3  # 24 good less a/02 (conflict); + broken
+    for threaded, serial in zip(many.accepted, one.accepted, strict=True):
+        np.testing.assert_array_equal(threaded.pixels, serial.pixels)
+        assert np.shares_memory(threaded.pixels, scratch)  # decoded into the caller's array, not held apart
+
+
+def a_clean_flat_folder(root):
+    """Nothing to reject, scanned in path order: prepare renames its scratch file into place."""
+    rng = np.random.default_rng(1)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(10):
+            (root / label / f"{i:02d}.png").write_bytes(png_bytes(rng.integers(0, 256, (18, 20, 3), np.uint8)))
+
+
+@pytest.mark.parametrize("folder, accepted, quarantined", [(a_folder_of_every_outcome, 23, 3),
+                                                            (a_clean_flat_folder, 20, 0)])
+def test_prepare_writes_the_decoded_images_in_manifest_order_and_no_scratch(tmp_path, monkeypatch, folder, accepted,
+                                                                             quarantined):
+    import pandas as pd
+
+    from pipeline import paths
+    from pipeline.params import load_params
+    from pipeline.stages import prepare
+
+    folder(tmp_path / "images")
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    data = dataclasses.replace(params.data, source=str(tmp_path / "images"), image_size=16, min_images_per_class=2)
+    params = dataclasses.replace(params, data=data)
+    monkeypatch.chdir(tmp_path)
+    report = prepare.run(params)
+    assert (report["counts"]["accepted"], report["counts"]["quarantined"]) == (accepted, quarantined)
+    assert sorted(p.name for p in paths.PREPARED_DIR.iterdir()) == sorted(
+        p.name for p in (paths.MANIFEST, paths.IMAGES, paths.CLASSES, paths.PREPARE_REPORT))
+    manifest, images = pd.read_csv(paths.MANIFEST), np.load(paths.IMAGES)
+    assert len(images) == len(manifest) == accepted
+    for row in manifest.itertuples():
+        expected = decode_image((tmp_path / "images" / row.path).read_bytes(), 16, 10**8).pixels
+        np.testing.assert_array_equal(images[row.index], expected)

@@ -6,15 +6,19 @@ calls these functions and writes their results.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import interrupts
-from pipeline.data.images import UnusableImage, content_hash, decode_image
+from pipeline.data.images import DecodedImage, UnusableImage, content_hash, decode_image
 from pipeline.errors import PipelineError
 
 # OS droppings: never images, reported as ignored rather than quarantined
@@ -36,8 +40,9 @@ class Accepted:
     sha256: str
     width: int
     height: int
-    pixels: np.ndarray
+    pixels: np.ndarray  # a view of row `position` of the array validate_files decoded into
     conversions: list[str]
+    position: int  # the file's place in the scanned list
 
 
 @dataclass
@@ -92,23 +97,69 @@ def _read_inside_root(file: ScannedFile, root: Path) -> bytes:
     return real.read_bytes()
 
 
+def decode_threads() -> int:
+    """Images decoded at once: one per core this process may use (Pillow releases the GIL while
+    it decodes and resizes, so threads scale; the order of the results never depends on them)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _decode_file(position: int, file: ScannedFile, root: Path, size: int, max_pixels: int,
+                 decoded_into: np.ndarray) -> tuple[str, DecodedImage] | UnusableImage:
+    """(sha256, decoded image) with its pixels copied into decoded_into[position], or the
+    UnusableImage that says why not. Runs in a worker thread, the copy included (numpy lets go
+    of the GIL for it, so the page faults of a memory-mapped target are paid in parallel too)."""
+    try:
+        data = _read_inside_root(file, root)
+        decoded = decode_image(data, size, max_pixels)
+    except UnusableImage as exc:
+        return exc
+    decoded_into[position] = decoded.pixels
+    decoded.pixels = decoded_into[position]
+    return content_hash(data), decoded
+
+
+def decoded_in_order(items: list, decode, threads: int) -> Iterator:
+    """decode(*item) for each item, yielded in the items' order, with at most 2 x threads
+    decodes in flight (memory stays flat; a stop at a safe point waits for those few only)."""
+    with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
+        ahead = iter(items)
+        pending = deque(pool.submit(decode, *item) for item in itertools.islice(ahead, 2 * threads))
+        try:
+            while pending:
+                outcome = pending.popleft().result()
+                pending.extend(pool.submit(decode, *item) for item in itertools.islice(ahead, 1))
+                yield outcome
+        finally:
+            for future in pending:
+                future.cancel()
+
+
 def validate_files(
-    root: Path, files: list[ScannedFile], size: int, max_pixels: int, progress=None
+    root: Path, files: list[ScannedFile], size: int, max_pixels: int, progress=None,
+    decoded_into: np.ndarray | None = None, threads: int | None = None,
 ) -> ScanResult:
-    """Decode every file; sort each into accepted, quarantined (with reason) or duplicate."""
+    """Decode every file; sort each into accepted, quarantined (with reason) or duplicate.
+
+    Each file is decoded into its row of decoded_into, an (len(files), size, size, 3) uint8
+    array (default: one in memory; prepare passes a memory-mapped scratch file, so a large folder
+    never sits in memory whole); an accepted image's pixels are a view of its row. threads:
+    images decoded at once (default: decode_threads()); the result does not depend on it.
+    """
+    if decoded_into is None:
+        decoded_into = np.empty((len(files), size, size, 3), np.uint8)
     result = ScanResult()
     by_hash: dict[str, list[Accepted]] = defaultdict(list)
-    for file in files:
+    decode = functools.partial(_decode_file, root=root, size=size, max_pixels=max_pixels,
+                               decoded_into=decoded_into)
+    outcomes = decoded_in_order(list(enumerate(files)), decode, threads or decode_threads())
+    for position, (file, outcome) in enumerate(zip(files, outcomes, strict=True)):
         interrupts.check()  # a safe point: between images
-        try:
-            data = _read_inside_root(file, root)
-            decoded = decode_image(data, size, max_pixels)
-        except UnusableImage as exc:
+        if isinstance(outcome, UnusableImage):
             result.quarantined.append(
-                {"path": file.relative, "label": file.label, "reason": str(exc)}
+                {"path": file.relative, "label": file.label, "reason": str(outcome)}
             )
         else:
-            digest = content_hash(data)
+            digest, decoded = outcome
             same = [a for a in by_hash[digest] if a.label == file.label]
             if same:
                 result.duplicates.append(
@@ -123,6 +174,7 @@ def validate_files(
                     height=decoded.height,
                     pixels=decoded.pixels,
                     conversions=decoded.conversions,
+                    position=position,
                 )
                 by_hash[digest].append(item)
         if progress is not None:

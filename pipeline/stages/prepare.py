@@ -4,18 +4,22 @@ and write the manifest plus all images decoded once at the working size."""
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from numpy.lib.format import open_memmap
 
 from pipeline import paths
 from pipeline.atomic import atomic_path, write_json
-from pipeline.data.datasets import SPLITS, check_class_sizes, scan_source, split_of, validate_files
-from pipeline.params import Params
+from pipeline.data.datasets import SPLITS, Accepted, check_class_sizes, scan_source, split_of, validate_files
+from pipeline.params import DataParams, Params
 from pipeline.progress import bar, say
 from pipeline.tracking import lineage, logs, runs
+
+GATHER_ROWS = 1024  # images copied into images.npy at a time
 
 
 def data_hash(manifest: pd.DataFrame) -> str:
@@ -66,43 +70,60 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run(params: Params) -> dict:
-    root = Path(params.data.source)
-    classes, files, ignored = scan_source(root)
-    with bar(len(files), "prepare") as progress:
-        result = validate_files(
-            root, files, params.data.image_size, params.data.max_image_pixels, progress
-        )
-    result.ignored = ignored
-    d = params.data
+def manifest_of(accepted: list[Accepted], classes: list[str], d: DataParams) -> pd.DataFrame:
+    """One row per accepted image, in images.npy's order; the split follows from the content hash."""
     manifest = pd.DataFrame(
         {
-            "path": [a.relative for a in result.accepted],
-            "sha256": [a.sha256 for a in result.accepted],
-            "label": [a.label for a in result.accepted],
-            "label_index": [classes.index(a.label) for a in result.accepted],
-            "split": [split_of(a.sha256, d.val_fraction, d.test_fraction) for a in result.accepted],
-            "width": [a.width for a in result.accepted],
-            "height": [a.height for a in result.accepted],
+            "path": [a.relative for a in accepted],
+            "sha256": [a.sha256 for a in accepted],
+            "label": [a.label for a in accepted],
+            "label_index": [classes.index(a.label) for a in accepted],
+            "split": [split_of(a.sha256, d.val_fraction, d.test_fraction) for a in accepted],
+            "width": [a.width for a in accepted],
+            "height": [a.height for a in accepted],
         }
     )
-    warnings = check_class_sizes(
-        classes, list(manifest.label), list(manifest.split), d.min_images_per_class
-    )
     manifest["index"] = np.arange(len(manifest))
-    report = build_report(result, classes, manifest, warnings)
-    report["data_hash"] = data_hash(manifest)
+    return manifest
 
+
+def write_images(decoded: np.memmap, positions: list[int], scratch: Path, target: Path) -> None:
+    """images.npy: the rows of `decoded` (memory-mapped from `scratch`) at the accepted images'
+    positions, in the manifest's order. When that is every row in order — nothing rejected, the
+    scan already in path order — the scratch file is renamed, not copied."""
+    rows = np.asarray(positions, dtype=np.int64)
+    if np.array_equal(rows, np.arange(len(decoded))):
+        decoded.flush()
+        os.replace(scratch, target)
+        return
+    images = open_memmap(target, mode="w+", dtype=np.uint8, shape=(len(rows), *decoded.shape[1:]))
+    for start in range(0, len(rows), GATHER_ROWS):
+        images[start:start + GATHER_ROWS] = decoded[rows[start:start + GATHER_ROWS]]
+    images.flush()
+    scratch.unlink()  # its disk space returns when the last view of it goes
+
+
+def run(params: Params) -> dict:
+    d = params.data
+    root = Path(d.source)
+    classes, files, ignored = scan_source(root)
     with atomic_path(paths.PREPARED_DIR) as out:
         out.mkdir()
-        size = d.image_size
-        images = np.lib.format.open_memmap(
-            out / paths.IMAGES.name, mode="w+", dtype=np.uint8, shape=(len(manifest), size, size, 3)
-        )
-        for i, accepted in enumerate(result.accepted):
-            images[i] = accepted.pixels
-        images.flush()
-        del images
+        # decoded in the files' order into a scratch memmap (a large folder never sits in memory
+        # whole), then gathered into images.npy in the manifest's order
+        scratch = out / "decoded.scratch.npy"
+        shape = (d.image_size, d.image_size, 3)
+        decoded = open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(len(files), *shape))
+        with bar(len(files), "prepare") as progress:  # rows of a plain view of it are cheap views
+            result = validate_files(root, files, d.image_size, d.max_image_pixels, progress,
+                                    decoded_into=decoded.view(np.ndarray))
+        result.ignored = ignored
+        manifest = manifest_of(result.accepted, classes, d)
+        warnings = check_class_sizes(classes, list(manifest.label), list(manifest.split), d.min_images_per_class)
+        report = build_report(result, classes, manifest, warnings)
+        report["data_hash"] = data_hash(manifest)
+
+        write_images(decoded, [a.position for a in result.accepted], scratch, out / paths.IMAGES.name)
         manifest.to_csv(out / paths.MANIFEST.name, index=False)
         write_json(out / paths.CLASSES.name, {"classes": classes, "data_hash": report["data_hash"]})
         write_json(out / paths.PREPARE_REPORT.name, report)

@@ -30,6 +30,7 @@ from torchvision.transforms import v2
 
 from pipeline import paths
 from pipeline.data.augment import augment_batch
+from pipeline.data.datasets import decode_threads, scan_source, validate_files
 from pipeline.devices import seed_everything, select_runtime
 from pipeline.model import features
 from pipeline.model.backbones import build_backbone
@@ -174,6 +175,20 @@ def augmentation_rates(setup: Setup, device: torch.device, rounds: int = 3) -> t
             augment_batch(on_device[start : start + setup.batch_size], generator)
     synchronize(device)
     return naive, rounds * len(pixels) / (time.perf_counter() - started)
+
+
+def decoding_rates(setup: Setup) -> tuple[float, float, int]:
+    """Images/s validating and decoding the data folder as prepare does: one image at a time vs
+    prepare's threads (same files, same results). Returns (one thread, threaded, threads)."""
+    root = Path(setup.params.data.source)
+    _, files, _ = scan_source(root)
+    d, threads = setup.params.data, decode_threads()
+    rates = []
+    for n in (1, threads):
+        started = time.perf_counter()
+        validate_files(root, files, d.image_size, d.max_image_pixels, threads=n)
+        rates.append(len(files) / (time.perf_counter() - started))
+    return rates[0], rates[1], threads
 
 
 def naive_trial(setup: Setup, backbone, head: Head, config: study.TrialConfig, epochs: int, seed: int,
@@ -353,6 +368,9 @@ def main(params: Params, ks: list[int], epochs: int, n_trials: int, compile_mode
         rows.append(("augmentation, images/s", naive_aug, our_aug, "higher is better"))
         say(f"  augmentation: naive {naive_aug:.0f} img/s (torchvision v2, one image at a time, CPU), "
             f"ours {our_aug:.0f} img/s (augment_batch on {device.type})")
+        one_thread, threaded, threads = decoding_rates(setup)
+        rows.append(("decoding the folder (prepare), images/s", one_thread, threaded, "higher is better"))
+        say(f"  decoding: {one_thread:.0f} img/s one at a time, {threaded:.0f} img/s on prepare's {threads} threads")
         accuracies = []  # same config and seed on both paths: a paired check that ours learns as well
         for k in ks:
             config = study.TrialConfig(**{**vars(fixed), "k": k})
