@@ -214,3 +214,28 @@ def test_a_process_killed_while_creating_the_store_leaves_none_half_made(tmp_pat
     assert first.endswith("[('first', 'FINISHED', 1.0)]") and first.startswith("['.mlflow.db.")
     printed = last_line_printed_by(AFTER_THE_KILL, tmp_path, "second")
     assert printed == "['mlflow.db'] [('first', 'FINISHED', 1.0), ('second', 'FINISHED', 1.0)]"
+
+
+# MLflow draws its own progress bar when it downloads an artifact (finetune fetches trial weights):
+# with PIPELINE_QUIET our bars are off, and so must MLflow's be, or CI logs fill with them.
+DOWNLOAD_A_LOGGED_ARTIFACT = """
+import pathlib, sys, tempfile
+from pipeline.tracking import logs, runs, store
+with runs.stage_run("probe", "download-probe", {}) as run:
+    pathlib.Path("weights.txt").write_text("w")
+    logs.log_artifact("weights.txt")
+with tempfile.TemporaryDirectory() as tmp:
+    logs.download_artifact(run.info.run_id, "weights.txt", tmp)
+print("downloaded")
+"""
+
+
+@pytest.mark.parametrize("quiet", ["1", "0"])
+def test_mlflow_download_bars_are_silenced_with_ours(tmp_path, quiet):
+    env = {**project_env(tmp_path), "PYTHONPATH": str(ROOT), "PIPELINE_QUIET": quiet}
+    env.pop("CI", None)
+    env.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+    result = subprocess.run([sys.executable, "-c", DOWNLOAD_A_LOGGED_ARTIFACT], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.split()[-1] == "downloaded", result.stderr[-2000:]
+    assert ("Downloading artifacts" in result.stderr) == (quiet == "0"), result.stderr[-2000:]

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 from pipeline.errors import PipelineError, reason, redacted
 from pipeline.paths import mlruns_dir
+from pipeline.progress import quiet
 
 # MLflow's defaults retry an unreachable server for ~4 minutes; a user wants to know in seconds.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -128,6 +129,8 @@ def client():
 def setup_uri() -> str:
     import mlflow
 
+    if quiet():  # MLflow's own download bars, silenced with ours (CI logs, dvc repro with PIPELINE_QUIET)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
