@@ -181,3 +181,19 @@ def test_prepare_writes_the_decoded_images_in_manifest_order_and_no_scratch(tmp_
     for row in manifest.itertuples():
         expected = decode_image((tmp_path / "images" / row.path).read_bytes(), 16, 10**8).pixels
         np.testing.assert_array_equal(images[row.index], expected)
+
+
+def test_shapes_rendered_in_worker_processes_are_the_files_rendered_here(tmp_path, monkeypatch):
+    from pipeline.data import shapes
+    from pipeline.params import ShapesParams
+
+    params = ShapesParams(classes=("circle", "star", "hexagon"), images_per_class=10, image_size=48, clutter=2,
+                          min_size=0.2, max_size=0.4)
+    monkeypatch.setattr(shapes, "RENDER_CHUNK", 4)  # 9 tasks: a pool of 2 renders them
+    assert shapes.generate(params, 7, tmp_path / "here", processes=1) == 30
+    assert shapes.generate(params, 7, tmp_path / "pool", processes=2) == 30
+    here = sorted(p.relative_to(tmp_path / "here") for p in (tmp_path / "here").rglob("*.png"))
+    assert here == sorted(p.relative_to(tmp_path / "pool") for p in (tmp_path / "pool").rglob("*.png"))
+    assert len(here) == 30
+    for name in here:
+        assert (tmp_path / "here" / name).read_bytes() == (tmp_path / "pool" / name).read_bytes()

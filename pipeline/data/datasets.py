@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import interrupts
+from pipeline.cores import usable_cores
 from pipeline.data.images import DecodedImage, UnusableImage, content_hash, decode_image
 from pipeline.errors import PipelineError
 
@@ -98,9 +99,9 @@ def _read_inside_root(file: ScannedFile, root: Path) -> bytes:
 
 
 def decode_threads() -> int:
-    """Images decoded at once: one per core this process may use (Pillow releases the GIL while
-    it decodes and resizes, so threads scale; the order of the results never depends on them)."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    """Images decoded at once: one per usable core (Pillow releases the GIL while it decodes
+    and resizes, so threads scale; the order of the results never depends on them)."""
+    return usable_cores()
 
 
 def _decode_file(position: int, file: ScannedFile, root: Path, size: int, max_pixels: int,

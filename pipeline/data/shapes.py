@@ -10,11 +10,14 @@ fine-tuning has something to win. Deterministic: image i of class c depends only
 from __future__ import annotations
 
 import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from pipeline.cores import usable_cores
 from pipeline.errors import PipelineError
 from pipeline.params import ShapesParams
 
@@ -82,19 +85,38 @@ def render_shape(name: str, rng: np.random.Generator, params: ShapesParams) -> I
     return image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.0)))
 
 
-def generate(params: ShapesParams, seed: int, out_dir: Path) -> int:
-    """Write images_per_class PNGs per class under out_dir/<class>/; returns the count."""
+RENDER_CHUNK = 200  # images one worker process renders per task
+
+
+def _render_range(name: str, start: int, stop: int, seed: int, params: ShapesParams, class_dir: Path) -> int:
+    """Write images start..stop-1 of one class (a worker process's task); returns the count."""
+    for i in range(start, stop):
+        rng = np.random.default_rng([seed, SUPPORTED.index(name), i])
+        render_shape(name, rng, params).save(class_dir / f"{name}_{i:05d}.png", optimize=False)
+    return stop - start
+
+
+def generate(params: ShapesParams, seed: int, out_dir: Path, processes: int | None = None) -> int:
+    """Write images_per_class PNGs per class under out_dir/<class>/; returns the count.
+
+    Rendered in worker processes, one per core (default), in chunks of RENDER_CHUNK images:
+    each image depends only on (seed, class, index), so the files are the same however many
+    processes render them. A folder of fewer than two chunks is rendered here, without a pool.
+    """
     unknown = [c for c in params.classes if c not in SUPPORTED]
     if unknown:
         raise PipelineError(
             f"params.yaml: shapes.classes has unknown shape {unknown[0]!r} — use any of {SUPPORTED}"
         )
-    count = 0
+    tasks = []
     for name in params.classes:
-        class_dir = out_dir / name
-        class_dir.mkdir(parents=True, exist_ok=True)
-        for i in range(params.images_per_class):
-            rng = np.random.default_rng([seed, SUPPORTED.index(name), i])
-            render_shape(name, rng, params).save(class_dir / f"{name}_{i:05d}.png", optimize=False)
-            count += 1
-    return count
+        (out_dir / name).mkdir(parents=True, exist_ok=True)
+        for start in range(0, params.images_per_class, RENDER_CHUNK):
+            stop = min(start + RENDER_CHUNK, params.images_per_class)
+            tasks.append((name, start, stop, seed, params, out_dir / name))
+    processes = min(processes or usable_cores(), len(tasks))
+    if processes <= 1 or len(params.classes) * params.images_per_class < 2 * RENDER_CHUNK:  # no pool pays
+        return sum(_render_range(*task) for task in tasks)
+    # spawn, not fork: a fresh interpreter per worker inherits no threads or locks of this one
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return sum(pool.map(_render_range, *zip(*tasks, strict=True)))
