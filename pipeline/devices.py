@@ -61,8 +61,9 @@ class Runtime:
     def free_bytes(self) -> int:
         """Memory free for data on the device now: the GPU's free memory, or the host's
         available RAM on the CPU."""
-        if self.device.type == "cuda":
-            return torch.cuda.mem_get_info(self.device)[0]
+        if self.device.type == "cuda":  # + what PyTorch's allocator keeps cached but no tensor uses
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            return torch.cuda.mem_get_info(self.device)[0] + cached
         return host_available_bytes()
 
     def fits(self, nbytes: int, share: float = RESIDENT_SHARE) -> bool:
@@ -75,7 +76,8 @@ class Runtime:
         row_bytes = max(1, int(np.prod(array.shape[1:])) * array.dtype.itemsize)
         if self.device.type != "cuda":
             return torch.from_numpy(np.ascontiguousarray(array[rows]))
-        out = torch.empty((len(rows), *array.shape[1:]), dtype=torch.from_numpy(array[:0]).dtype, device=self.device)
+        dtype = torch.from_numpy(np.empty(0, array.dtype)).dtype  # (a read-only memmap's slice would warn)
+        out = torch.empty((len(rows), *array.shape[1:]), dtype=dtype, device=self.device)
         step = max(1, STAGING_BYTES // row_bytes)
         for start in range(0, len(rows), step):
             piece = np.ascontiguousarray(array[rows[start : start + step]])
@@ -111,6 +113,13 @@ def cpu_has_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
+def cuda_amp_dtype(capability: tuple[int, int]) -> torch.dtype:
+    """bf16 autocast on GPUs that compute it natively (compute capability 8.0, Ampere, and
+    later), else fp16 with loss scaling. torch.cuda.is_bf16_supported() also says yes where bf16
+    is only emulated (V100, T4), and there cuDNN has no bf16 convolutions: slow kernels."""
+    return torch.bfloat16 if capability[0] >= 8 else torch.float16
+
+
 def select_runtime(precision: str = "auto", training: bool = False) -> Runtime:
     """precision: auto | fp32 | bf16 | fp16. PIPELINE_DEVICE=cpu forces the CPU.
 
@@ -128,7 +137,7 @@ def select_runtime(precision: str = "auto", training: bool = False) -> Runtime:
     elif precision == "fp16":
         dtype = torch.float16
     elif use_cuda:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        dtype = cuda_amp_dtype(torch.cuda.get_device_capability(device))
     elif training:
         dtype = None
     else:

@@ -71,6 +71,28 @@ def test_fp16_training_steps_with_the_gradients_fp32_computes():
         torch.testing.assert_close(h, r, rtol=2e-2, atol=r.abs().max().item() * 2e-2)
 
 
+@pytest.mark.parametrize(("gpu", "capability", "expected"), [
+    ("V100", (7, 0), torch.float16), ("T4", (7, 5), torch.float16),  # bf16 only emulated there
+    ("A100", (8, 0), torch.bfloat16), ("H100/H200", (9, 0), torch.bfloat16)])
+def test_auto_precision_on_a_gpu_is_bf16_only_where_the_gpu_computes_it(monkeypatch, gpu, capability, expected):
+    from pipeline.devices import select_runtime
+
+    monkeypatch.delenv("PIPELINE_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # as torch says on a T4
+    for training in (False, True):
+        runtime = select_runtime("auto", training=training)
+        assert runtime.device.type == "cuda" and runtime.amp_dtype == expected, gpu
+
+
+def test_free_gpu_memory_counts_what_the_allocator_caches_but_no_tensor_uses(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 8000))  # the driver's free, total
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 700)  # PyTorch's cache holds 700 ...
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 200)  # ... of which tensors use 200
+    assert Runtime(torch.device("cuda"), torch.bfloat16).free_bytes() == 1500
+
+
 def test_only_fp16_gets_a_gradient_scaler():
     from pipeline.model.engine import grad_scaler
 

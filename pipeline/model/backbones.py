@@ -237,6 +237,11 @@ def build_backbone(name: str, weights: str = "pretrained") -> Backbone:
 def normalize(images: torch.Tensor, input_config: dict) -> torch.Tensor:
     """(B, S, S, 3) uint8 → (B, 3, S, S) float, normalised as in pretraining."""
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(input_config["mean"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(input_config["std"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return (x - _channel_constant(input_config["mean"], x)) / _channel_constant(input_config["std"], x)
+
+
+def _channel_constant(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """(1, 3, 1, 1) on like's device. Made on the CPU and sent without blocking: torch.tensor(...,
+    device="cuda") copies synchronously, which would make the host wait for the GPU every batch."""
+    constant = torch.tensor(values, dtype=like.dtype).view(1, 3, 1, 1)
+    return constant if like.device.type == "cpu" else constant.to(like.device, non_blocking=True)

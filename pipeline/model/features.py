@@ -88,7 +88,7 @@ class LiveSource:
             out = self.backbone.forward_blocks(x, 0, self.stop)
         out = (Backbone.pool(out) if self.k == 0 else out).float()  # stays on the device
         result = torch.empty_like(out)
-        result[torch.as_tensor(order, device=out.device)] = out
+        result[self.runtime.to_device(torch.from_numpy(order))] = out  # no host sync
         return result
 
 

@@ -175,7 +175,7 @@ class TrialRunner:
         status = "FAILED"
         try:
             model, _ = self.fit(cfg, seed, lambda result: log.log_curve([result]) or False)
-            trained = TrainedRun(cfg.k, model.state_dict(), self.val_probabilities(model, cfg.k),
+            trained = TrainedRun(cfg.k, host_state(model), self.val_probabilities(model, cfg.k),
                                  self.val_labels(), child.info.run_id, seed, slot)
             log.log_metrics({"val_accuracy": trained.val_accuracy})
             status = "FINISHED"
@@ -216,6 +216,11 @@ def log_weights(state: dict[str, torch.Tensor]) -> None:
         logs.log_artifact(str(path))
 
 
+def host_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights in host memory: the candidates of a selection wait there, not on the GPU."""
+    return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+
+
 def trial_run(runner: TrialRunner, trial: optuna.trial.FrozenTrial, slot: int) -> TrainedRun:
     """A COMPLETE trial's own weights (from its MLflow run, any worker's) and validation results."""
     k = trial.params["k"]
@@ -223,5 +228,5 @@ def trial_run(runner: TrialRunner, trial: optuna.trial.FrozenTrial, slot: int) -
     with tempfile.TemporaryDirectory() as tmp:
         local = logs.download_artifact(trial.user_attrs["mlflow_run_id"], TRIAL_WEIGHTS, tmp)
         model.load_state_dict(load_file(local))
-    return TrainedRun(k, model.state_dict(), runner.val_probabilities(model, k), runner.val_labels(),
+    return TrainedRun(k, host_state(model), runner.val_probabilities(model, k), runner.val_labels(),
                       trial.user_attrs["mlflow_run_id"], runner.params.seed + slot, slot)
