@@ -1,11 +1,14 @@
-"""Atomic outputs: write beside the target, fsync, rename. A killed stage leaves no half file."""
+"""Atomic outputs: write beside the target, fsync, rename. A killed stage leaves no half file, and
+what a SIGKILLed writer left beside it is removed by the next writer of the same target."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,12 +23,41 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _writer_tag() -> str:
+    """Who writes a temp folder: this host and process (dots kept out: they separate the name)."""
+    return f"{os.getpid()}@{socket.gethostname().replace('.', '-')}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_abandoned(target: Path) -> None:
+    """Remove the temp folders of target's writers that were killed mid-write (SIGKILL skips the
+    clean-up in atomic_path, and prepare's scratch file is as large as the data): those of this
+    host whose process is gone. A live writer's, or another host's, are left alone."""
+    host = _writer_tag().split("@", 1)[1]
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        writer = leftover.name[len(target.name) + 2 :].split(".", 1)[0]  # "<pid>@<host>"
+        pid, _, on_host = writer.partition("@")
+        if pid.isdigit() and on_host == host and not _alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temp path in target's folder; on success it replaces target (file or folder)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent)) / target.name
+    remove_abandoned(target)
+    temp_dir = tempfile.mkdtemp(prefix=f".{target.name}.{_writer_tag()}.", suffix=".tmp", dir=target.parent)
+    tmp = Path(temp_dir) / target.name
     try:
         yield tmp
         if tmp.is_file():

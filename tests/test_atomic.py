@@ -1,0 +1,31 @@
+"""Atomic outputs: the temp folder a killed writer left is removed by the next writer of the same
+target — prepare's scratch file in it is as large as the data — and nothing a live writer, another
+host or another target owns is touched."""
+
+import os
+import socket
+import subprocess
+
+from pipeline.atomic import atomic_path
+
+
+def test_the_next_writer_removes_what_a_killed_writer_left_and_nothing_else(tmp_path):
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process id that no longer runs: a writer SIGKILLed mid-write
+    host = socket.gethostname().replace(".", "-")
+    abandoned = tmp_path / f".prepared.{gone.pid}@{host}.k1ll3d.tmp"
+    (abandoned / "prepared").mkdir(parents=True)
+    (abandoned / "prepared" / "decoded.scratch.npy").write_bytes(b"\0" * 4096)
+    kept = [tmp_path / f".prepared.{os.getppid()}@{host}.l1ve.tmp",  # a writer still running
+            tmp_path / f".prepared.{gone.pid}@another-host.n0de.tmp",  # shared storage: not ours to judge
+            tmp_path / f".features.{gone.pid}@{host}.0ther.tmp"]  # another target's
+    for folder in kept:
+        folder.mkdir()
+
+    with atomic_path(tmp_path / "prepared") as out:
+        out.mkdir()
+        (out / "images.npy").write_bytes(b"new")
+
+    assert not abandoned.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["prepared", *(k.name for k in kept)])
+    assert (tmp_path / "prepared" / "images.npy").read_bytes() == b"new"
