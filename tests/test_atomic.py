@@ -5,6 +5,8 @@ host or another target owns is touched."""
 import os
 import socket
 import subprocess
+import time
+from pathlib import Path
 
 from pipeline.atomic import atomic_path
 
@@ -29,3 +31,18 @@ def test_the_next_writer_removes_what_a_killed_writer_left_and_nothing_else(tmp_
     assert not abandoned.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["prepared", *(k.name for k in kept)])
     assert (tmp_path / "prepared" / "images.npy").read_bytes() == b"new"
+
+
+def test_a_killed_writer_not_yet_reaped_counts_as_gone(tmp_path):
+    zombie = subprocess.Popen(["true"])  # exits at once; not waited for, so it stays a zombie
+    host = socket.gethostname().replace(".", "-")
+    abandoned = tmp_path / f".features.{zombie.pid}@{host}.z0mb1e.tmp"
+    abandoned.mkdir()
+    for _ in range(200):  # until it has exited (its /proc state turns to Z)
+        if Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        time.sleep(0.01)
+    with atomic_path(tmp_path / "features") as out:
+        out.mkdir()
+    assert not abandoned.exists()
+    zombie.wait()
