@@ -2,9 +2,10 @@
 cleanlab's confident learning (Northcutt et al., 2021).
 
 Out-of-fold, so each image is scored by a model that never saw its (possibly wrong) label. The
-model is a logistic regression on the mean-pooled activation at every cached cut: on the
-built-in data these multi-level features reach 0.75 out-of-fold accuracy where the final pooled
-features reach 0.65 (measured), and confident learning is only as sharp as the model under it.
+model is a logistic regression (pipeline.audit.logistic, on the run's device) on the mean-pooled
+activation at every cached cut: on the built-in data these multi-level features reach 0.75
+out-of-fold accuracy where the final pooled features reach 0.65 (measured), and confident
+learning is only as sharp as the model under it.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 from cleanlab.filter import find_label_issues
 from cleanlab.rank import get_label_quality_scores
-from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from pipeline import interrupts, paths
+from pipeline.audit import logistic
+from pipeline.devices import Runtime
 
 CHUNK = 256  # rows of cut activations averaged at a time: the cache can exceed memory
 
@@ -42,7 +42,7 @@ def audit_features(split: str, cache_blocks: int) -> np.ndarray:
 
 
 def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, num_classes: int, folds: int,
-                              regularization: float, seed: int) -> np.ndarray:
+                              regularization: float, seed: int, runtime: Runtime) -> np.ndarray:
     """(N, classes): each image's probabilities from a model fitted on the other folds.
 
     Trains on every cached view of the fold's images (augmentation) and averages the predictions
@@ -55,13 +55,12 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, num_clas
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn's "least populated class" notice for tiny classes
-        for fit_rows, held_out in splitter.split(np.zeros(n), labels):
-            interrupts.check()
-            model = make_pipeline(StandardScaler(), LogisticRegression(C=regularization, max_iter=2000))
-            model.fit(features[fit_rows].reshape(-1, dim), np.repeat(labels[fit_rows], views))
-            columns = model.classes_  # a class can be missing from a fold's fit rows
-            for view in range(views):
-                probs[np.ix_(held_out, columns)] += model.predict_proba(features[held_out, view]) / views
+        fold_rows = list(splitter.split(np.zeros(n), labels))
+    for fit_rows, held_out in fold_rows:
+        model = logistic.fit(features[fit_rows].reshape(-1, dim), np.repeat(labels[fit_rows], views),
+                             num_classes, regularization, runtime)
+        for view in range(views):
+            probs[held_out] += model.probabilities(features[held_out, view], runtime) / views
     return probs
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 
 from pipeline import paths
 from pipeline.atomic import atomic_path, write_json
 from pipeline.audit.duplicates import near_duplicate_pairs, pair_table
 from pipeline.audit.label_issues import audit_features, find_issues, out_of_fold_probabilities
 from pipeline.data.datasets import SPLITS
+from pipeline.devices import Runtime, select_runtime
 from pipeline.model import features
 from pipeline.params import Params
 from pipeline.progress import say
@@ -24,20 +26,29 @@ from pipeline.tracking import lineage, logs, runs
 AUDITED = ("train", "val")  # label issues: the images training and selection learn from
 
 
+def fitting_runtime(feature_bytes: int) -> Runtime:
+    """fp32 on the GPU when there is one and the features (standardised copy and all) fit in its
+    share of free memory; else the CPU."""
+    runtime = select_runtime("fp32")
+    return runtime if runtime.fits(3 * feature_bytes) else Runtime(torch.device("cpu"), None)
+
+
 def split_images(manifest: pd.DataFrame, splits) -> pd.DataFrame:
     """Manifest rows of the splits' images, in the order extract cached them."""
     rows = np.concatenate([features.rows(s) for s in splits])
     return manifest.iloc[rows].assign(row=rows).reset_index(drop=True)
 
 
-def label_issue_table(params: Params, manifest: pd.DataFrame, classes: list[str]) -> tuple[pd.DataFrame, dict]:
+def label_issue_table(params: Params, manifest: pd.DataFrame, classes: list[str]) -> tuple[pd.DataFrame, dict, str]:
+    """The flagged images, the counts, and the device the linear models were fitted on."""
     meta = features.read_meta()
     per_split = [audit_features(s, meta["cache_blocks"]) for s in AUDITED]
     views = max(x.shape[1] for x in per_split)
     x = np.concatenate([np.repeat(f, views // f.shape[1], axis=1) for f in per_split])  # val: 1 view
     labels = np.concatenate([features.labels(s) for s in AUDITED])
     a = params.audit
-    probs = out_of_fold_probabilities(x, labels, len(classes), a.folds, a.regularization, params.seed)
+    runtime = fitting_runtime(x.nbytes)
+    probs = out_of_fold_probabilities(x, labels, len(classes), a.folds, a.regularization, params.seed, runtime)
     issues = find_issues(labels, probs, a.filter_by)
     images = split_images(manifest, AUDITED)
     flagged = images.iloc[issues.flagged]
@@ -53,7 +64,7 @@ def label_issue_table(params: Params, manifest: pd.DataFrame, classes: list[str]
     })
     stats = {"images_audited": len(labels), "out_of_fold_accuracy": float((probs.argmax(1) == labels).mean()),
              "estimated_noise_rate": issues.estimated_noise_rate}
-    return table, stats
+    return table, stats, runtime.device.type
 
 
 def duplicate_table(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
@@ -92,10 +103,12 @@ def counts(stats: dict, issues: pd.DataFrame, duplicates: pd.DataFrame, excluded
     }
 
 
-def run(params: Params) -> dict:
+def run(params: Params) -> tuple[dict, str]:
+    """The metrics, and the device the out-of-fold models were fitted on (not a metric: it
+    differs between machines while the audit's findings need not)."""
     manifest = pd.read_csv(paths.MANIFEST)
     classes = features.read_meta()["classes"]
-    issues, stats = label_issue_table(params, manifest, classes)
+    issues, stats, device = label_issue_table(params, manifest, classes)
     duplicates = duplicate_table(params, manifest)
     flagged = exclusions(issues, duplicates)
     excluded = flagged if params.audit.action == "exclude" else []
@@ -112,17 +125,19 @@ def run(params: Params) -> dict:
     summary = counts(stats, issues, duplicates, excluded)
     summary["would_exclude_train_images"] = len(flagged)
     write_json(paths.stage_metrics("audit"), summary)
-    return summary
+    return summary, device
 
 
 def main(params: Params) -> None:
     with runs.stage_run("audit", params.mlflow.experiment, logs.flatten("audit", vars(params.audit)),
                         defer=True) as mlrun:  # logs at the end
-        summary = run(params)
+        summary, device = run(params)
         logs.log_metrics({f"audit_{k}": v for k, v in summary.items()})
+        logs.set_tags({"device": device})
         logs.log_artifacts(str(paths.AUDIT_DIR), "audit")
         lineage.record_run("audit", mlrun.info.run_id)
     say(f"audit: {summary['label_issues']} suspected label errors in {summary['images_audited']} train/val images "
-        f"(out-of-fold accuracy {summary['out_of_fold_accuracy']:.3f}); {summary['near_duplicate_pairs']} "
-        f"near-duplicate pairs, {summary['cross_split_pairs']} across splits; action {params.audit.action}: "
+        f"(out-of-fold accuracy {summary['out_of_fold_accuracy']:.3f}, fitted on {device}); "
+        f"{summary['near_duplicate_pairs']} near-duplicate pairs, {summary['cross_split_pairs']} across splits; "
+        f"action {params.audit.action}: "
         f"{summary['excluded_train_images']} training images excluded (see {paths.AUDIT_DIR})")
