@@ -117,13 +117,14 @@ def fingerprint(project: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory) -> tuple[Path, str, dict]:
-    """One clean `dvc repro` of the tiny project: (project, its output, its fingerprint).
+    """One clean `dvc repro` of the tiny project: (project, its output — stdout, then stderr —,
+    its fingerprint).
 
     Shared: the end-to-end test goes on from it, the fault tests compare their runs with it.
     """
     project = make_project(tmp_path_factory.mktemp("reference") / "project")
     result = run([str(BIN / "dvc"), "repro"], project)
-    return project, result.stdout, fingerprint(project)
+    return project, result.stdout + result.stderr, fingerprint(project)
 
 
 @pytest.fixture(scope="session")
