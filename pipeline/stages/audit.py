@@ -139,5 +139,5 @@ def main(params: Params) -> None:
     say(f"audit: {summary['label_issues']} suspected label errors in {summary['images_audited']} train/val images "
         f"(out-of-fold accuracy {summary['out_of_fold_accuracy']:.3f}, fitted on {device}); "
         f"{summary['near_duplicate_pairs']} near-duplicate pairs, {summary['cross_split_pairs']} across splits; "
-        f"action {params.audit.action}: "
-        f"{summary['excluded_train_images']} training images excluded (see {paths.AUDIT_DIR})")
+        f"action {params.audit.action}: {summary['excluded_train_images']} training images excluded "
+        f"(see {paths.AUDIT_DIR})")
