@@ -84,6 +84,15 @@ class Runtime:
             out[start : start + step] = self.to_device(torch.from_numpy(piece))
         return out
 
+    def as_float32(self, array: np.ndarray) -> torch.Tensor:
+        """A whole array as float32 on the device: to a GPU in staged slices (no pinned copy of
+        all of it, which can be gigabytes); on the CPU sharing the array's memory where it is
+        float32 and contiguous already (so callers must not write to it)."""
+        array = np.ascontiguousarray(array, np.float32)
+        if self.device.type == "cuda":
+            return self.upload(array, np.arange(len(array)))
+        return torch.from_numpy(array)
+
     def inference_batch_size(self, configured: int | str) -> int:
         """extract/evaluate batch size: the configured number, or for `auto` one that fills the
         device. It changes speed, and results only in the last bits (kernels are chosen per

@@ -10,24 +10,30 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 
 from pipeline import interrupts
+from pipeline.devices import Runtime
 
 BLOCK = 1024  # rows of the similarity matrix computed at a time (memory ~ BLOCK x N)
 
 
-def near_duplicate_pairs(pooled: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
-    """(i, j, cosine) for i < j with cosine >= threshold; pooled is (N, D)."""
-    unit = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+def near_duplicate_pairs(pooled: np.ndarray, threshold: float, runtime: Runtime) -> list[tuple[int, int, float]]:
+    """(i, j, cosine) for i < j with cosine >= threshold, in row order; pooled is (N, D).
+
+    All N^2 similarities are computed, block by block on the device (quadratic in N: the part of
+    the audit that grows fastest with the data); only the pairs above the threshold leave it."""
+    features = runtime.as_float32(pooled)
+    unit = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
     pairs = []
     for start in range(0, len(unit), BLOCK):
         interrupts.check()
         sims = unit[start:start + BLOCK] @ unit.T
-        rows, cols = np.nonzero(sims >= threshold)
-        for r, c in zip(rows, cols, strict=True):
-            i = start + int(r)
-            if int(c) > i:
-                pairs.append((i, int(c), float(sims[r, c])))
+        rows, cols = torch.nonzero(sims >= threshold, as_tuple=True)
+        above_diagonal = cols > rows + start
+        rows, cols = rows[above_diagonal], cols[above_diagonal]
+        values = sims[rows, cols].tolist()
+        pairs += [(start + r, c, v) for r, c, v in zip(rows.tolist(), cols.tolist(), values, strict=True)]
     return pairs
 
 

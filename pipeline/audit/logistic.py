@@ -33,22 +33,13 @@ class LinearClassifier:
     iterations: int
 
     def probabilities(self, x: np.ndarray, runtime: Runtime) -> np.ndarray:
-        z = (on_device(x, runtime) - self.mean) / self.scale
+        z = (runtime.as_float32(x) - self.mean) / self.scale
         return torch.softmax(z @ self.weight + self.bias, dim=1).double().cpu().numpy()
-
-
-def on_device(x: np.ndarray, runtime: Runtime) -> torch.Tensor:
-    """x as float32 on the device: to a GPU in staged slices (no pinned copy of the whole
-    matrix, which can be gigabytes), on the CPU without a copy where x is float32 already."""
-    x = np.ascontiguousarray(x, np.float32)
-    if runtime.device.type == "cuda":
-        return runtime.upload(x, np.arange(len(x)))
-    return torch.from_numpy(x)
 
 
 def fit(x: np.ndarray, y: np.ndarray, num_classes: int, C: float, runtime: Runtime) -> LinearClassifier:
     """Standardise x (N, D) and minimise mean cross-entropy + |W|^2 / (2 C N), the bias unpenalised."""
-    features = on_device(x, runtime)
+    features = runtime.as_float32(x)
     labels = runtime.to_device(torch.from_numpy(np.asarray(y, np.int64)))
     mean = features.mean(dim=0)
     scale = features.std(dim=0, correction=0)

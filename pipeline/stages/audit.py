@@ -14,7 +14,7 @@ import torch
 
 from pipeline import paths
 from pipeline.atomic import atomic_path, write_json
-from pipeline.audit.duplicates import near_duplicate_pairs, pair_table
+from pipeline.audit.duplicates import BLOCK, near_duplicate_pairs, pair_table
 from pipeline.audit.label_issues import audit_features, find_issues, out_of_fold_probabilities
 from pipeline.data.datasets import SPLITS
 from pipeline.devices import Runtime, select_runtime
@@ -26,11 +26,11 @@ from pipeline.tracking import lineage, logs, runs
 AUDITED = ("train", "val")  # label issues: the images training and selection learn from
 
 
-def fitting_runtime(feature_bytes: int) -> Runtime:
-    """fp32 on the GPU when there is one and the features (standardised copy and all) fit in its
-    share of free memory; else the CPU."""
+def audit_runtime(working_bytes: int) -> Runtime:
+    """fp32 on the GPU when there is one and working_bytes fit in its share of free memory;
+    else the CPU."""
     runtime = select_runtime("fp32")
-    return runtime if runtime.fits(3 * feature_bytes) else Runtime(torch.device("cpu"), None)
+    return runtime if runtime.fits(working_bytes) else Runtime(torch.device("cpu"), None)
 
 
 def split_images(manifest: pd.DataFrame, splits) -> pd.DataFrame:
@@ -47,7 +47,7 @@ def label_issue_table(params: Params, manifest: pd.DataFrame, classes: list[str]
     x = np.concatenate([np.repeat(f, views // f.shape[1], axis=1) for f in per_split])  # val: 1 view
     labels = np.concatenate([features.labels(s) for s in AUDITED])
     a = params.audit
-    runtime = fitting_runtime(x.nbytes)
+    runtime = audit_runtime(3 * x.nbytes)  # the features, their standardised copy, the held-out views
     probs = out_of_fold_probabilities(x, labels, len(classes), a.folds, a.regularization, params.seed, runtime)
     issues = find_issues(labels, probs, a.filter_by)
     images = split_images(manifest, AUDITED)
@@ -69,7 +69,8 @@ def label_issue_table(params: Params, manifest: pd.DataFrame, classes: list[str]
 
 def duplicate_table(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
     pooled = np.concatenate([np.load(paths.pooled_features(s), mmap_mode="r")[:, 0] for s in SPLITS])
-    pairs = near_duplicate_pairs(np.asarray(pooled, np.float32), params.audit.duplicate_similarity)
+    runtime = audit_runtime(2 * 4 * pooled.size + 4 * BLOCK * len(pooled))  # features, unit vectors, a block
+    pairs = near_duplicate_pairs(pooled, params.audit.duplicate_similarity, runtime)
     return pair_table(pairs, split_images(manifest, SPLITS))
 
 
