@@ -117,6 +117,46 @@ def compiled(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
     return torch.compile(model)
 
 
+def device_name(device: torch.device) -> str:
+    """The device in words, for logs and run tags: `cpu`, or `cuda (NVIDIA H200)`; on a machine
+    whose GPUs are split between processes, also the one this process was given."""
+    if device.type != "cuda":
+        return "cpu"
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"cuda ({torch.cuda.get_device_name(device)}{f', CUDA_VISIBLE_DEVICES={given}' if given else ''})"
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, named as CUDA_VISIBLE_DEVICES would name them to a child
+    (its own entries, indices or UUIDs, where it is set); none when the run is on the CPU."""
+    if os.environ.get("PIPELINE_DEVICE") == "cpu" or not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(count)]
+    # CUDA ignores the entries from the first one it cannot use: device_count() says how many it kept
+    return [name.strip() for name in listed.split(",")][:count]
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    """Where one of a machine's local finetune processes runs."""
+
+    gpu: str | None  # its CUDA_VISIBLE_DEVICES entry; None: the device this process would pick
+    sharing: int  # how many of the processes share that device (each keeps a share of its memory)
+
+
+def worker_slots(workers: int, gpus: list[str]) -> list[WorkerSlot]:
+    """Slot p for process p of `workers` (0 is finetune itself): on a machine with several GPUs,
+    process p runs on GPU p mod their count, so the workers spread over every GPU rather than
+    queue on the first; on one GPU or the CPU they all share the one device."""
+    if len(gpus) <= 1:
+        return [WorkerSlot(None, workers)] * workers
+    on_gpu = [len(range(g, workers, len(gpus))) for g in range(len(gpus))]
+    return [WorkerSlot(gpus[p % len(gpus)], on_gpu[p % len(gpus)]) for p in range(workers)]
+
+
 def cpu_has_bf16() -> bool:
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)

@@ -43,7 +43,7 @@ def test_each_local_worker_keeps_its_share_of_the_device_for_resident_inputs(mon
     """`finetune --workers 4` with finetune.workers: 1 in params: four processes share the device,
     so each keeps a quarter of the resident share, not all of it (the helpers learn the count
     from the environment finetune gives them)."""
-    from pipeline.devices import RESIDENT_SHARE
+    from pipeline.devices import RESIDENT_SHARE, visible_gpus, worker_slots
     from pipeline.search import loop, trials
 
     params = load_params(ROOT / "params.yaml")
@@ -56,10 +56,45 @@ def test_each_local_worker_keeps_its_share_of_the_device_for_resident_inputs(mon
             return self
 
     monkeypatch.setattr(trials.features, "source", lambda split, k: Cached())
-    env = loop.helper_env(extra=3)
+    env = loop.helper_env(worker_slots(4, visible_gpus()), 1)
     assert env[loop.LOCAL_WORKERS_ENV] == "4"
     runner = trials.TrialRunner.__new__(trials.TrialRunner)  # only the resident-input part
     runner.params, runner.runtime, runner._cached = params, None, {}
     runner.local_workers = int(env[loop.LOCAL_WORKERS_ENV])
     runner.sources(k=1, seed=0)
     assert shares == [RESIDENT_SHARE / 4] * 2  # train and val
+
+
+def test_local_workers_spread_over_the_gpus_of_a_machine_with_several(monkeypatch):
+    """`finetune --workers 4` on two GPUs: two processes on each, each keeping half of its GPU's
+    resident share, the helpers pinned by CUDA_VISIBLE_DEVICES to the parent's own names for
+    them; on the CPU or one GPU nothing is pinned and all four share the device."""
+    from pipeline import devices
+    from pipeline.search import loop
+
+    monkeypatch.setattr(devices.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(devices.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("PIPELINE_DEVICE", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert devices.visible_gpus() == ["0", "1"]
+    # a UUID list with an entry CUDA could not use: device_count() says it kept two
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aa, GPU-bb,GPU-gone")
+    gpus = devices.visible_gpus()
+    assert gpus == ["GPU-aa", "GPU-bb"]
+    monkeypatch.setenv("PIPELINE_DEVICE", "cpu")
+    assert devices.visible_gpus() == []
+
+    slots = devices.worker_slots(4, gpus)
+    assert [(s.gpu, s.sharing) for s in slots] == [("GPU-aa", 2), ("GPU-bb", 2), ("GPU-aa", 2), ("GPU-bb", 2)]
+    envs = [loop.helper_env(slots, i) for i in (1, 2, 3)]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["GPU-bb", "GPU-aa", "GPU-bb"]
+    assert [e[loop.LOCAL_WORKERS_ENV] for e in envs] == ["2", "2", "2"]
+    assert [e["PIPELINE_WORKER_ID"] for e in envs] == ["1", "2", "3"]
+    uneven = devices.worker_slots(3, gpus)  # finetune itself shares the first GPU with helper 2
+    assert [(s.gpu, s.sharing) for s in uneven] == [("GPU-aa", 2), ("GPU-bb", 1), ("GPU-aa", 2)]
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    for one_device in ([], ["0"]):
+        slots = devices.worker_slots(4, one_device)
+        assert all(s.gpu is None and s.sharing == 4 for s in slots)
+        assert "CUDA_VISIBLE_DEVICES" not in loop.helper_env(slots, 3)

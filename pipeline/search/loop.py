@@ -15,6 +15,8 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline import interrupts
+from pipeline.cores import usable_cores
+from pipeline.devices import WorkerSlot
 from pipeline.errors import PipelineError
 from pipeline.params import Params
 from pipeline.search import storage, study
@@ -114,26 +116,30 @@ def fail_and_retry(s: optuna.Study, trial: optuna.Trial) -> None:
 LOCAL_WORKERS_ENV = "PIPELINE_LOCAL_WORKERS"
 
 
-def helper_env(extra: int) -> dict:
-    """The environment of `extra` helpers beside this process: a share each of the CPU threads
-    and, through LOCAL_WORKERS_ENV, of the device's memory for resident inputs."""
-    threads = max(1, (os.cpu_count() or 1) // (extra + 1))
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PIPELINE_TORCH_THREADS": str(threads),
-            LOCAL_WORKERS_ENV: str(extra + 1)}
+def helper_env(slots: list[WorkerSlot], index: int) -> dict:
+    """The environment of helper `index` (1, 2, ...; 0 is finetune itself) among the local
+    processes `slots` describes: a share of the CPU threads, its GPU where the machine has several,
+    and through LOCAL_WORKERS_ENV how many processes share its device's memory for resident inputs."""
+    slot = slots[index]
+    threads = max(1, usable_cores() // len(slots))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PIPELINE_TORCH_THREADS": str(threads),
+           LOCAL_WORKERS_ENV: str(slot.sharing), "PIPELINE_WORKER_ID": str(index)}
+    if slot.gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = slot.gpu
+    return env
 
 
-def spawn_workers(extra: int, params_path: Path, parent_run_id: str) -> list[subprocess.Popen]:
-    """Extra local worker processes on the same study, each with a share of the CPU threads."""
-    env = helper_env(extra)
+def spawn_workers(slots: list[WorkerSlot], params_path: Path, parent_run_id: str) -> list[subprocess.Popen]:
+    """The helper processes of `slots` (all but this one), on the same study."""
     command = [sys.executable, "-m", "pipeline", "--params", str(params_path), "worker",
                "--parent-run-id", parent_run_id]
-    return [subprocess.Popen(command, env={**env, "PIPELINE_WORKER_ID": str(i)}) for i in range(1, extra + 1)]
+    return [subprocess.Popen(command, env=helper_env(slots, i)) for i in range(1, len(slots))]
 
 
-def run_study(params: Params, s: optuna.Study, objective: Objective, workers: int, params_path: Path,
+def run_study(params: Params, s: optuna.Study, objective: Objective, slots: list[WorkerSlot], params_path: Path,
               parent_run_id: str) -> None:
-    """This process and `workers - 1` local helpers run trials until the study is complete."""
-    helpers = spawn_workers(workers - 1, params_path, parent_run_id) if workers > 1 else []
+    """This process and a local helper per further slot run trials until the study is complete."""
+    helpers = spawn_workers(slots, params_path, parent_run_id)
     try:
         run_trials(params, s, objective)
         while any(p.poll() is None for p in helpers):

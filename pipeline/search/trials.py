@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline import paths
-from pipeline.devices import RESIDENT_SHARE, seed_everything, select_runtime
+from pipeline.devices import RESIDENT_SHARE, device_name, seed_everything, select_runtime
 from pipeline.model import features
 from pipeline.model.backbones import build_backbone
 from pipeline.model.bn_folding import folded_copy
@@ -79,7 +79,8 @@ class TrialRunner:
         child = runs.start_child_run(
             f"trial-{trial.number}", self.parent_run_id,
             tags={"stage": "finetune-trial", "optuna_study": trial.study.study_name,
-                  "optuna_trial": str(trial.number), "trial_slot": str(slot), **runs.process_tags()},
+                  "optuna_trial": str(trial.number), "trial_slot": str(slot),
+                  "device": device_name(self.runtime.device), **runs.process_tags()},
         )
         trial.set_user_attr("mlflow_run_id", child.info.run_id)
         log = logs.RunLog(child.info.run_id)  # params, curves, outcome: written in one batch

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from pipeline import paths
 from pipeline.data import holdout
+from pipeline.devices import visible_gpus, worker_slots
 from pipeline.model.checkpoints import save_checkpoint
 from pipeline.params import Params
 from pipeline.progress import say
@@ -55,10 +56,10 @@ def main(params: Params, workers: int | None = None, params_path: Path = paths.P
     name = study.study_name(params, holdout.data_hash(), study.inputs_digest())
     logged = logs.flatten("finetune", vars(params.finetune))
     with runs.stage_run("finetune", params.mlflow.experiment, logged, tags={"optuna_study": name}) as mlrun:
-        workers = workers or params.finetune.workers
-        runner = TrialRunner(params, mlrun.info.run_id, local_workers=workers)
+        slots = worker_slots(workers or params.finetune.workers, visible_gpus())
+        runner = TrialRunner(params, mlrun.info.run_id, local_workers=slots[0].sharing)
         s = open_study(params, name)
-        run_study(params, s, runner.run_trial, workers, params_path, mlrun.info.run_id)
+        run_study(params, s, runner.run_trial, slots, params_path, mlrun.info.run_id)
         ranked, members, decision = select(params, runner, s)
         save_checkpoint(paths.FINETUNED_DIR, assemble(runner, members).state_dict(),
                         checkpoint_config(runner, name, ranked[0], members))

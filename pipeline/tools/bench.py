@@ -31,7 +31,7 @@ from torchvision.transforms import v2
 from pipeline import paths
 from pipeline.data.augment import augment_batch
 from pipeline.data.datasets import decode_threads, scan_source, validate_files
-from pipeline.devices import seed_everything, select_runtime
+from pipeline.devices import device_name, seed_everything, select_runtime
 from pipeline.model import features
 from pipeline.model.backbones import build_backbone
 from pipeline.model.bn_folding import folded_copy
@@ -410,12 +410,6 @@ def main(params: Params, ks: list[int], epochs: int, n_trials: int, compile_mode
         if device.type == "cuda":
             rows.append(("peak extra GPU memory, MiB", naive_gpu, our_gpu, "lower is better"))
     say(render(rows))
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return "cpu"
 
 
 def dataclass_replace_finetune(params: Params, epochs: int) -> Params:
