@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from pipeline.devices import Runtime
-from pipeline.model.engine import ArraySource, ResidentSource, epoch_view_order, train
+from pipeline.model.engine import ArraySource, ResidentInputs, ResidentSource, epoch_view_order, train
 
 
 class RecordingSource(ArraySource):
@@ -111,3 +111,53 @@ def test_inference_batch_size_is_the_number_given_or_chosen_for_the_device():
     cpu = Runtime(torch.device("cpu"), None)
     assert cpu.inference_batch_size(48) == 48
     assert cpu.inference_batch_size("auto") == 64
+
+
+def k_sources(k: int, train_rows: int = 10):
+    """A k's (train, val) cached inputs as float16 memmap-like arrays: 12 bytes a train row
+    (2 views), 6 a val row; values that tell the k apart."""
+    rng = np.random.default_rng(k)
+    train_array = rng.normal(size=(train_rows, 2, 3)).astype(np.float16)
+    val_array = rng.normal(size=(5, 1, 3)).astype(np.float16)
+    return (ArraySource(train_array, np.arange(train_rows) % 2),
+            ArraySource(val_array, np.arange(5) % 2, positions=np.arange(5)))
+
+
+def test_resident_inputs_stay_within_their_budget_letting_the_least_recently_used_k_go(monkeypatch):
+    """A study moving between k keeps at most its budget on the device: 1,600 bytes free and
+    one process give a quarter, 400 bytes; each k takes 150 (120 train + 30 val), so two fit."""
+    monkeypatch.setattr(Runtime, "free_bytes", lambda self: 1600)
+    inputs = ResidentInputs(Runtime(torch.device("cpu"), None), sharing=1)
+    asked = []
+
+    def sources(k):
+        asked.append(k)
+        return k_sources(k)
+
+    first = inputs.get(1, sources)
+    assert inputs.budget == 400 and all(isinstance(s, ResidentSource) for s in first)
+    assert inputs.get(1, sources) is first and asked == [1]  # held: not read again
+    inputs.get(2, sources)
+    inputs.get(3, sources)  # 450 bytes with k=1 and 2: k=1, the least recently used, goes
+    assert list(inputs.held) == [2, 3] and inputs.held_bytes() == 300
+    inputs.get(2, sources)
+    inputs.get(1, sources)  # k=3 is now the least recently used
+    assert list(inputs.held) == [2, 1] and inputs.loads == 4 and asked == [1, 2, 3, 1]
+
+    # a held k's batches are the memmap's, view for view
+    train_held, _ = inputs.held[1]
+    train_source, _ = k_sources(1)
+    indices, views = np.array([7, 0, 3]), np.array([1, 0, 1])
+    assert torch.equal(train_held.batch(indices, views), train_source.batch(indices, views))
+    assert torch.equal(train_held.targets(indices), train_source.targets(indices))
+
+    too_large = inputs.get(4, lambda k: k_sources(k, train_rows=40))  # 510 bytes alone
+    assert all(isinstance(s, ArraySource) for s in too_large)  # read from the host, nothing let go
+    assert list(inputs.held) == [2, 1]
+
+
+def test_processes_sharing_the_device_split_the_budget(monkeypatch):
+    monkeypatch.setattr(Runtime, "free_bytes", lambda self: 1600)
+    inputs = ResidentInputs(Runtime(torch.device("cpu"), None), sharing=4)
+    assert all(isinstance(s, ArraySource) for s in inputs.get(1, k_sources))  # 150 > 100 bytes
+    assert inputs.budget == 100 and not inputs.held

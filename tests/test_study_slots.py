@@ -43,26 +43,20 @@ def test_each_local_worker_keeps_its_share_of_the_device_for_resident_inputs(mon
     """`finetune --workers 4` with finetune.workers: 1 in params: four processes share the device,
     so each keeps a quarter of the resident share, not all of it (the helpers learn the count
     from the environment finetune gives them)."""
-    from pipeline.devices import RESIDENT_SHARE, visible_gpus, worker_slots
-    from pipeline.search import loop, trials
+    import torch
+
+    from pipeline.devices import RESIDENT_SHARE, Runtime, visible_gpus, worker_slots
+    from pipeline.model.engine import ResidentInputs
+    from pipeline.search import loop
 
     params = load_params(ROOT / "params.yaml")
     assert params.finetune.workers == 1 and params.finetune.cache
-    shares = []
-
-    class Cached:
-        def resident(self, runtime, share):
-            shares.append(share)
-            return self
-
-    monkeypatch.setattr(trials.features, "source", lambda split, k: Cached())
     env = loop.helper_env(worker_slots(4, visible_gpus()), 1)
     assert env[loop.LOCAL_WORKERS_ENV] == "4"
-    runner = trials.TrialRunner.__new__(trials.TrialRunner)  # only the resident-input part
-    runner.params, runner.runtime, runner._cached = params, None, {}
-    runner.local_workers = int(env[loop.LOCAL_WORKERS_ENV])
-    runner.sources(k=1, seed=0)
-    assert shares == [RESIDENT_SHARE / 4] * 2  # train and val
+    monkeypatch.setattr(Runtime, "free_bytes", lambda self: 2**30)
+    inputs = ResidentInputs(Runtime(torch.device("cpu"), None), int(env[loop.LOCAL_WORKERS_ENV]))
+    inputs.get(0, lambda k: ())
+    assert inputs.budget == int(RESIDENT_SHARE / 4 * 2**30)
 
 
 def test_local_workers_spread_over_the_gpus_of_a_machine_with_several(monkeypatch):

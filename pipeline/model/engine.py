@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,15 +50,54 @@ class ArraySource:
     def targets(self, indices: np.ndarray) -> torch.Tensor:
         return self.labels[indices]
 
+    @property
+    def nbytes(self) -> int:
+        """What holding the used rows on the device takes (in the stored dtype)."""
+        return int(np.prod(self.array.shape[1:])) * self.array.dtype.itemsize * len(self.positions)
+
     def resident(self, runtime: Runtime, share: float = RESIDENT_SHARE) -> ArraySource | ResidentSource:
         """This source held as one tensor on the device (GPU memory, or RAM on the CPU) when
         its rows fit in `share` of the free memory, so batches are gathered there without a
         copy from the host per batch; else itself (read from the memmap batch by batch)."""
-        row_bytes = int(np.prod(self.array.shape[1:])) * self.array.dtype.itemsize
-        if not runtime.fits(row_bytes * len(self.positions), share):
-            return self
+        return self.on_device(runtime) if runtime.fits(self.nbytes, share) else self
+
+    def on_device(self, runtime: Runtime) -> ResidentSource:
         rows = runtime.upload(self.array, self.positions)  # in the stored dtype (fp16 cuts)
         return ResidentSource(rows, runtime.to_device(self.labels), runtime)
+
+
+class ResidentInputs:
+    """Each k's (train, val) inputs, held on the device while they fit a budget: this process's
+    part of RESIDENT_SHARE of the memory free when the first of them was loaded (`sharing`
+    processes use the device). A study moves between k, so the least recently used k is let go
+    to make room for another: what this holds never grows past the budget, however many k the
+    study tries (a k too large for it alone is read from the memmap)."""
+
+    def __init__(self, runtime: Runtime, sharing: int = 1):
+        self.runtime, self.share = runtime, RESIDENT_SHARE / sharing
+        self.budget: int | None = None
+        self.held: OrderedDict[int, tuple[ResidentSource, ...]] = OrderedDict()
+        self.loads = 0  # copies to the device so far (a k let go and needed again is copied again)
+
+    def get(self, k: int, sources: Callable[[int], tuple[ArraySource, ...]]):
+        """k's inputs: held ones, or `sources(k)` put on the device (or left on the host)."""
+        if k in self.held:
+            self.held.move_to_end(k)
+            return self.held[k]
+        if self.budget is None:
+            self.budget = int(self.share * self.runtime.free_bytes())
+        found = sources(k)
+        need = sum(s.nbytes for s in found)
+        if need > self.budget:
+            return found
+        while self.held and self.held_bytes() + need > self.budget:
+            self.held.popitem(last=False)  # its device memory goes back to the allocator
+        self.held[k] = tuple(s.on_device(self.runtime) for s in found)
+        self.loads += 1
+        return self.held[k]
+
+    def held_bytes(self) -> int:
+        return sum(s.nbytes for held in self.held.values() for s in held)
 
 
 class ResidentSource:
@@ -73,6 +113,10 @@ class ResidentSource:
     @property
     def views(self) -> int:
         return self.data.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
 
     def _on_device(self, indices: np.ndarray) -> torch.Tensor:
         return self.runtime.to_device(torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)))

@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline import paths
-from pipeline.devices import RESIDENT_SHARE, device_name, seed_everything, select_runtime
+from pipeline.devices import device_name, seed_everything, select_runtime
 from pipeline.model import features
 from pipeline.model.backbones import build_backbone
 from pipeline.model.bn_folding import folded_copy
 from pipeline.model.checkpoints import load_head
-from pipeline.model.engine import EpochResult, predict_logits, train
+from pipeline.model.engine import EpochResult, ResidentInputs, predict_logits, train
 from pipeline.model.freezing import freeze_all_but_top, param_groups
 from pipeline.model.heads import TopModel
 from pipeline.params import Params
@@ -48,7 +48,8 @@ class TrialRunner:
         # precision, BatchNorm folded (a copy: trials train the unfolded top blocks)
         self.live_runtime = select_runtime(params.extract.precision)
         self.frozen = None
-        self._cached: dict[int, tuple] = {}
+        # each k's cached inputs, on the device for the trials of that k; workers share the memory
+        self.resident = ResidentInputs(self.runtime, self.local_workers)
         if not params.finetune.cache:
             frozen = folded_copy(self.backbone).to(self.live_runtime.device)
             self.frozen = frozen.to(memory_format=torch.channels_last)
@@ -56,11 +57,7 @@ class TrialRunner:
     def sources(self, k: int, seed: int):
         """(train, val) inputs for a trial unfreezing k blocks: cached activations, or live."""
         if self.params.finetune.cache:
-            if k not in self._cached:  # held on the device for every trial of this k; workers share it
-                share = RESIDENT_SHARE / self.local_workers
-                self._cached[k] = tuple(features.source(split, k).resident(self.runtime, share)
-                                        for split in ("train", "val"))
-            return self._cached[k]
+            return self.resident.get(k, lambda k: (features.source("train", k), features.source("val", k)))
         return (features.LiveSource("train", k, self.frozen, self.live_runtime, True, seed),
                 features.LiveSource("val", k, self.frozen, self.live_runtime, False, seed))
 
