@@ -67,11 +67,12 @@ def label_issue_table(params: Params, manifest: pd.DataFrame, classes: list[str]
     return table, stats, runtime.device.type
 
 
-def duplicate_table(params: Params, manifest: pd.DataFrame) -> pd.DataFrame:
+def duplicate_table(params: Params, manifest: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The near-duplicate pairs, and the device the search ran on (its own working set decides)."""
     pooled = np.concatenate([np.load(paths.pooled_features(s), mmap_mode="r")[:, 0] for s in SPLITS])
     runtime = audit_runtime(2 * 4 * pooled.size + 4 * BLOCK * len(pooled))  # features, unit vectors, a block
     pairs = near_duplicate_pairs(pooled, params.audit.duplicate_similarity, runtime)
-    return pair_table(pairs, split_images(manifest, SPLITS))
+    return pair_table(pairs, split_images(manifest, SPLITS)), runtime.device.type
 
 
 def exclusions(issues: pd.DataFrame, duplicates: pd.DataFrame) -> list[dict]:
@@ -104,13 +105,13 @@ def counts(stats: dict, issues: pd.DataFrame, duplicates: pd.DataFrame, excluded
     }
 
 
-def run(params: Params) -> tuple[dict, str]:
-    """The metrics, and the device the out-of-fold models were fitted on (not a metric: it
-    differs between machines while the audit's findings need not)."""
+def run(params: Params) -> tuple[dict, dict]:
+    """The metrics, and where the out-of-fold models were fitted and the near-duplicates searched
+    (tags, not metrics: they differ between machines while the audit's findings need not)."""
     manifest = pd.read_csv(paths.MANIFEST)
     classes = features.read_meta()["classes"]
-    issues, stats, device = label_issue_table(params, manifest, classes)
-    duplicates = duplicate_table(params, manifest)
+    issues, stats, fit_device = label_issue_table(params, manifest, classes)
+    duplicates, search_device = duplicate_table(params, manifest)
     flagged = exclusions(issues, duplicates)
     excluded = flagged if params.audit.action == "exclude" else []
     by_path = dict(zip(manifest.path, manifest.index, strict=True))
@@ -126,19 +127,20 @@ def run(params: Params) -> tuple[dict, str]:
     summary = counts(stats, issues, duplicates, excluded)
     summary["would_exclude_train_images"] = len(flagged)
     write_json(paths.stage_metrics("audit"), summary)
-    return summary, device
+    return summary, {"device": fit_device, "duplicates_device": search_device}
 
 
 def main(params: Params) -> None:
     with runs.stage_run("audit", params.mlflow.experiment, logs.flatten("audit", vars(params.audit)),
                         defer=True) as mlrun:  # logs at the end
-        summary, device = run(params)
+        summary, devices = run(params)
         logs.log_metrics({f"audit_{k}": v for k, v in summary.items()})
-        logs.set_tags({"device": device})
+        logs.set_tags(devices)
         logs.log_artifacts(str(paths.AUDIT_DIR), "audit")
         lineage.record_run("audit", mlrun.info.run_id)
     say(f"audit: {summary['label_issues']} suspected label errors in {summary['images_audited']} train/val images "
-        f"(out-of-fold accuracy {summary['out_of_fold_accuracy']:.3f}, fitted on {device}); "
-        f"{summary['near_duplicate_pairs']} near-duplicate pairs, {summary['cross_split_pairs']} across splits; "
+        f"(out-of-fold accuracy {summary['out_of_fold_accuracy']:.3f}, fitted on {devices['device']}); "
+        f"{summary['near_duplicate_pairs']} near-duplicate pairs, {summary['cross_split_pairs']} across splits "
+        f"(searched on {devices['duplicates_device']}); "
         f"action {params.audit.action}: {summary['excluded_train_images']} training images excluded "
         f"(see {paths.AUDIT_DIR})")
