@@ -80,8 +80,9 @@ class Runtime:
         out = torch.empty((len(rows), *array.shape[1:]), dtype=dtype, device=self.device)
         step = max(1, STAGING_BYTES // row_bytes)
         for start in range(0, len(rows), step):
-            piece = np.ascontiguousarray(array[rows[start : start + step]])
-            out[start : start + step] = self.to_device(torch.from_numpy(piece))
+            piece = torch.from_numpy(np.ascontiguousarray(array[rows[start : start + step]]))
+            # straight into its place: no second slice-sized buffer on the GPU
+            out[start : start + step].copy_(piece.pin_memory(), non_blocking=True)
         return out
 
     def as_float32(self, array: np.ndarray) -> torch.Tensor:

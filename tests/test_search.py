@@ -228,7 +228,7 @@ def test_live_fallback_feeds_the_same_inputs_and_trains(trained_head, tmp_path, 
     # the frozen prefix as finetune runs it live: folded, like extract's
     backbone = folded_copy(build_backbone(meta["backbone"], meta["backbone_weights"]))
     runtime = select_runtime("auto")
-    idx = np.arange(len(features.labels("val")))
+    idx = np.random.default_rng(0).permutation(len(features.labels("val")))  # rows come back in this order
     for k in (0, 1, 2):
         cached = features.source("val", k).batch(idx, None)
         live = features.LiveSource("val", k, backbone, runtime, augment=False, seed=0).batch(idx, None)
