@@ -23,6 +23,7 @@ import optuna
 import pandas as pd
 import psutil
 import torch
+from numpy.lib.format import open_memmap
 from PIL import Image
 from torch import nn
 from torchvision import transforms
@@ -185,9 +186,14 @@ def decoding_rates(setup: Setup) -> tuple[float, float, int]:
     d, threads = setup.params.data, decode_threads()
     rates = []
     for n in (1, threads):
-        started = time.perf_counter()
-        validate_files(root, files, d.image_size, d.max_image_pixels, threads=n)
-        rates.append(len(files) / (time.perf_counter() - started))
+        # into a memory-mapped scratch file, as prepare decodes: a large folder never sits in RAM
+        with tempfile.TemporaryDirectory() as scratch:
+            decoded = open_memmap(Path(scratch) / "decoded.npy", mode="w+", dtype=np.uint8,
+                                  shape=(len(files), d.image_size, d.image_size, 3))
+            started = time.perf_counter()
+            validate_files(root, files, d.image_size, d.max_image_pixels, decoded_into=decoded, threads=n)
+            rates.append(len(files) / (time.perf_counter() - started))
+            del decoded
     return rates[0], rates[1], threads
 
 
