@@ -45,13 +45,13 @@ def test_each_local_worker_keeps_its_share_of_the_device_for_resident_inputs(mon
     from the environment finetune gives them)."""
     import torch
 
-    from pipeline.devices import RESIDENT_SHARE, Runtime, visible_gpus, worker_slots
+    from pipeline.devices import RESIDENT_SHARE, Runtime, worker_slots
     from pipeline.model.engine import ResidentInputs
     from pipeline.search import loop
 
     params = load_params(ROOT / "params.yaml")
     assert params.finetune.workers == 1 and params.finetune.cache
-    env = loop.helper_env(worker_slots(4, visible_gpus()), 1)
+    env = loop.helper_env(worker_slots(4, []), 1)  # one device (several GPUs: the next test)
     assert env[loop.LOCAL_WORKERS_ENV] == "4"
     monkeypatch.setattr(Runtime, "free_bytes", lambda self: 2**30)
     inputs = ResidentInputs(Runtime(torch.device("cpu"), None), int(env[loop.LOCAL_WORKERS_ENV]))
