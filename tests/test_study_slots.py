@@ -27,6 +27,30 @@ def test_a_trial_killed_before_drawing_parameters_is_retried_in_its_own_slot(tmp
     assert retry.params["k"] == params.finetune.max_unfreeze  # slot 0 tries the deepest k
 
 
+def test_a_trial_killed_between_two_draws_is_retried_as_the_unbroken_trial(tmp_path):
+    """SIGKILL between two suggests leaves a FAIL trial with some parameters: a retry that fixed
+    those and drew the rest would draw them out of the slot's sequence (the fault suite's
+    `dvc repro` SIGKILLs caught a different weight_decay). Its retry draws them all again, as
+    slot 0, so the study is the unbroken one's."""
+    params = load_params(ROOT / "params.yaml")
+    s = optuna.create_study(storage=storage.make_storage(f"sqlite:///{tmp_path}/optuna.db"),
+                            direction="maximize")
+    s.sampler = study.make_sampler(params, 0)
+    killed = s.ask()
+    f = params.finetune
+    killed.suggest_int("k", 0, f.max_unfreeze)
+    killed.suggest_float("head_lr", *f.head_lr, log=True)  # ...and no further: killed here
+    s.tell(killed, state=TrialState.FAIL)
+    storage.close_and_retry(s, s.trials[0])
+
+    s.sampler = study.make_sampler(params, study.next_slot(s))
+    retry = s.ask()
+    assert study.logical_number(s, retry.number) == 0
+    unbroken = optuna.create_study(direction="maximize", sampler=study.make_sampler(params, 0))
+    assert study.suggest(retry, params) == study.suggest(unbroken.ask(), params)
+    assert set(retry.params) == set(study.PARAMETERS)
+
+
 def test_a_new_trial_takes_the_next_slot(tmp_path):
     params = load_params(ROOT / "params.yaml")
     s = optuna.create_study(storage=storage.make_storage(f"sqlite:///{tmp_path}/optuna.db"),

@@ -4,6 +4,7 @@ journal), heartbeats, and failing + retrying the trials of a worker that died.""
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import threading
 import warnings
@@ -14,6 +15,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from pipeline.errors import PipelineError, reason, redacted
 from pipeline.paths import mlruns_dir
+from pipeline.search.study import PARAMETERS
 from pipeline.tracking import runs
 
 
@@ -102,7 +104,9 @@ with warnings.catch_warnings():  # "experimental" since Optuna 2.8; the document
 
 def close_and_retry(s: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """A stale trial: end its MLflow run KILLED (not RUNNING forever), enqueue a retry with the
-    same parameters so no trial is lost."""
+    same parameters so no trial is lost. A trial killed before it drew them all is retried with
+    none: fixing the drawn ones and drawing the rest would take those out of the order the
+    slot's seeded sampler draws them in, and the resumed study would differ from an unbroken one."""
     run_id = trial.user_attrs.get("mlflow_run_id")
     if run_id:
         from pipeline.tracking import store
@@ -111,6 +115,9 @@ def close_and_retry(s: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if client.get_run(run_id).info.status == "RUNNING":
             client.set_tag(run_id, "killed_reason", "worker stopped heartbeating; trial retried")
             client.set_terminated(run_id, "KILLED")
+    if not set(PARAMETERS) <= trial.params.keys():
+        trial = copy.copy(trial)
+        trial.params, trial.distributions = {}, {}
     _retry(s, trial)
 
 

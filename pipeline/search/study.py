@@ -141,6 +141,9 @@ def config_of(trial: optuna.trial.FrozenTrial, params: Params) -> TrialConfig:
     return suggest(optuna.trial.FixedTrial(trial.params), params)
 
 
+PARAMETERS = ("k", "head_lr", "backbone_lr_ratio", "layer_decay", "weight_decay")  # what suggest draws
+
+
 def suggest(trial: optuna.Trial, params: Params) -> TrialConfig:
     f = params.finetune
     k = trial.suggest_int("k", 0, f.max_unfreeze)
