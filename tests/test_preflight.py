@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
 import http.server
 import json
 import socket
@@ -27,7 +28,7 @@ CREDENTIALS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRAC
 def test_a_stage_that_logs_after_its_work_finds_a_dead_server_before_it(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     worked = []
-    refused = r"unreachable \(ConnectionRefusedError\).*before the stage's work"
+    refused = r"unreachable \(ConnectionRefusedError\).*before any work"
     with pytest.raises(PipelineError, match=refused), runs.stage_run("train_head", EXPERIMENT, {}, defer=True):
         worked.append(True)  # minutes of work in a real stage, lost when the run cannot be logged
     assert worked == []
@@ -206,7 +207,7 @@ def test_a_real_mlflow_server_that_rejects_the_credentials_stops_a_stage_before_
         assert refused.stderr.strip().splitlines()[-1] == (
             f"error: MLflow tracking store {url} rejected the credentials (HTTP 401) — set MLFLOW_TRACKING_USERNAME "
             "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account that may write there (checked "
-            "before the stage's work)")
+            "before any work)")
         assert not (project / "data" / "prepared").exists()
 
     wrong_path = run(stage, project, check=False, env={"MLFLOW_TRACKING_URI": f"{url}/mlflow",
@@ -217,6 +218,72 @@ def test_a_real_mlflow_server_that_rejects_the_credentials_stops_a_stage_before_
     admin = {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
     run(stage, project, env=admin)
     assert (project / "data" / "prepared" / "classes.json").exists()
+    auth = {"Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()}
+    experiment = json.loads(urllib.request.urlopen(urllib.request.Request(
+        f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={EXPERIMENT}", headers=auth), timeout=10).read())
+    search = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json", **auth},
+        data=json.dumps({"experiment_ids": [experiment["experiment"]["experiment_id"]]}).encode())
+    found = json.loads(urllib.request.urlopen(search, timeout=10).read())["runs"]
+    assert [(r["info"]["run_name"], r["info"]["status"]) for r in found] == [("prepare", "FINISHED")]
+
+
+class FirstTimeUnavailable(http.server.BaseHTTPRequestHandler):
+    """A proxy before the real server that answers 503 (what a load balancer says while the
+    server restarts) to the first request for each endpoint, and forwards every later one."""
+
+    upstream: tuple[str, int]
+    refused: list[str]
+
+    def _relay(self):
+        endpoint = f"{self.command} {self.path.split('?')[0]}"
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if endpoint not in self.refused:
+            self.refused.append(endpoint)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        connection = http.client.HTTPConnection(*self.upstream, timeout=60)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+        connection.request(self.command, self.path, body=body, headers=headers)
+        answer = connection.getresponse()
+        payload = answer.read()
+        self.send_response(answer.status)
+        for key, value in answer.getheaders():
+            if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+        connection.close()
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _relay
+
+    def log_message(self, *args):  # the test's output is the stage's, not the proxy's
+        pass
+
+
+@pytest.mark.slow
+def test_once_checked_a_stage_waits_out_a_server_that_fails_each_request_once(project, basic_auth_server):
+    """After the early check, MLflow's calls keep MLflow's own retries: a server that is briefly
+    unavailable while a stage logs its finished work costs the stage nothing (it used to fail it,
+    and DVC recorded none of the work)."""
+    url, password = basic_auth_server
+    handler = type("Handler", (FirstTimeUnavailable,), {"upstream": ("127.0.0.1", int(url.rsplit(":", 1)[1])),
+                                                        "refused": []})
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        run([str(BIN / "python"), "-m", "pipeline", "shapes"], project)
+        run([str(BIN / "python"), "-m", "pipeline", "prepare"], project, env={
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.server_address[1]}",
+            "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password})
+    finally:
+        proxy.shutdown()
+    refused = handler.refused
+    assert any("/runs/create" in e for e in refused) and any("/runs/search" in e for e in refused), refused
+    assert any("/runs/log-batch" in e or "/runs/update" in e for e in refused), refused
     auth = {"Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()}
     experiment = json.loads(urllib.request.urlopen(urllib.request.Request(
         f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={EXPERIMENT}", headers=auth), timeout=10).read())

@@ -1,6 +1,7 @@
 """Is the MLflow tracking store there, and will it take our runs? Asked before a stage's work, in
 milliseconds and without importing MLflow: a stage that logs only after its work would otherwise
-do minutes of it, then fail and have DVC record none of it."""
+do minutes of it, then fail and have DVC record none of it. Once this has said yes, MLflow's own
+calls keep MLflow's patient retries (store.py): a slow or restarting server is waited for."""
 
 from __future__ import annotations
 
@@ -19,10 +20,21 @@ from pipeline.errors import PipelineError, redacted
 # the ports a tracking URI means when it names none (MLflow's database URIs are SQLAlchemy's)
 DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
 
-TIMEOUT_SECONDS = 10  # MLflow's own HTTP timeout here (store.py sets MLFLOW_HTTP_REQUEST_TIMEOUT)
+TIMEOUT_SECONDS = 10  # for the check's own connection and question, not for MLflow's calls
 
 # authentication MLflow does through plugins (custom providers, AWS SigV4): not ours to imitate
 PLUGIN_AUTH = ("MLFLOW_TRACKING_AUTH", "MLFLOW_TRACKING_AWS_SIGV4")
+
+
+# the tracking URIs this process has checked and found taking runs: asked once, before the work
+_answered: set[str] = set()
+
+
+def check_once(experiment: str = "Default") -> None:
+    """check_reachable, unless this process already did so for the same URI (a stage checks before
+    its work; its MLflow set-up after the work must not fail fast where it can wait instead)."""
+    if os.environ.get("MLFLOW_TRACKING_URI", "") not in _answered:
+        check_reachable(experiment)
 
 
 def check_reachable(experiment: str) -> None:
@@ -39,12 +51,17 @@ def check_reachable(experiment: str) -> None:
     if scheme.startswith("http") and scheme in urllib.request.getproxies() \
             and not urllib.request.proxy_bypass(parts.hostname):
         return
+    _check_it_answers(uri, parts, scheme, experiment)
+    _answered.add(uri)
+
+
+def _check_it_answers(uri: str, parts: urllib.parse.SplitResult, scheme: str, experiment: str) -> None:
     try:
         port = parts.port or DEFAULT_PORTS[scheme]
         socket.create_connection((parts.hostname, port), timeout=TIMEOUT_SECONDS).close()
     except (OSError, ValueError) as exc:  # refused, timed out, unknown host, bad port
         raise PipelineError(f"MLflow tracking store {redacted(uri)} is unreachable ({type(exc).__name__}) — start "
-                            "the server or fix MLFLOW_TRACKING_URI (checked before the stage's work)") from None
+                            "the server or fix MLFLOW_TRACKING_URI (checked before any work)") from None
     if scheme.startswith("http") and not any(os.environ.get(name) for name in PLUGIN_AUTH):
         _check_it_takes_runs(uri, experiment)
 
@@ -67,12 +84,12 @@ def _check_it_takes_runs(uri: str, experiment: str) -> None:
         raise PipelineError(
             f"{where} rejected the credentials (HTTP {status}) — set MLFLOW_TRACKING_USERNAME and "
             "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account that may write there "
-            "(checked before the stage's work)")
+            "(checked before any work)")
     if status in (200, 404) and not _is_mlflow_answer(body):
         raise PipelineError(
             f"{where} answers, but not as an MLflow tracking server (HTTP {status} to "
             f"{parts.path.rstrip('/')}/api/2.0/mlflow/…) — set MLFLOW_TRACKING_URI to the server's "
-            "root, e.g. http://host:5000 (checked before the stage's work)")
+            "root, e.g. http://host:5000 (checked before any work)")
 
 
 def _get(request: urllib.request.Request, context: ssl.SSLContext | None) -> tuple[int, bytes]:

@@ -11,10 +11,12 @@ from collections.abc import Iterator
 from pipeline.errors import PipelineError, reason, redacted
 from pipeline.paths import mlruns_dir
 from pipeline.progress import quiet
+from pipeline.tracking import preflight
 
-# MLflow's defaults retry an unreachable server for ~4 minutes; a user wants to know in seconds.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# MLflow's own HTTP retries (7, backing off: ~4 minutes) and 120 s timeout are kept on purpose:
+# a stage that logs after minutes of work waits out a slow or restarting server instead of losing
+# the work. A server that is down or refuses us is found in milliseconds before any work, by
+# preflight (setup_uri asks it when the stage has not).
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 
@@ -129,6 +131,7 @@ def client():
 def setup_uri() -> str:
     import mlflow
 
+    preflight.check_once()
     if quiet():  # MLflow's own download bars, silenced with ours (CI logs, dvc repro with PIPELINE_QUIET)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri()
