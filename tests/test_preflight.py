@@ -220,11 +220,11 @@ def test_a_real_mlflow_server_that_rejects_the_credentials_stops_a_stage_before_
     assert (project / "data" / "prepared" / "classes.json").exists()
     auth = {"Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()}
     experiment = json.loads(urllib.request.urlopen(urllib.request.Request(
-        f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={EXPERIMENT}", headers=auth), timeout=10).read())
+        f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={EXPERIMENT}", headers=auth), timeout=60).read())
     search = urllib.request.Request(
         f"{url}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json", **auth},
         data=json.dumps({"experiment_ids": [experiment["experiment"]["experiment_id"]]}).encode())
-    found = json.loads(urllib.request.urlopen(search, timeout=10).read())["runs"]
+    found = json.loads(urllib.request.urlopen(search, timeout=60).read())["runs"]
     assert [(r["info"]["run_name"], r["info"]["status"]) for r in found] == [("prepare", "FINISHED")]
 
 
@@ -286,9 +286,9 @@ def test_once_checked_a_stage_waits_out_a_server_that_fails_each_request_once(pr
     assert any("/runs/log-batch" in e or "/runs/update" in e for e in refused), refused
     auth = {"Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()}
     experiment = json.loads(urllib.request.urlopen(urllib.request.Request(
-        f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={EXPERIMENT}", headers=auth), timeout=10).read())
+        f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={EXPERIMENT}", headers=auth), timeout=60).read())
     search = urllib.request.Request(
         f"{url}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json", **auth},
         data=json.dumps({"experiment_ids": [experiment["experiment"]["experiment_id"]]}).encode())
-    found = json.loads(urllib.request.urlopen(search, timeout=10).read())["runs"]
+    found = json.loads(urllib.request.urlopen(search, timeout=60).read())["runs"]
     assert [(r["info"]["run_name"], r["info"]["status"]) for r in found] == [("prepare", "FINISHED")]
