@@ -118,6 +118,12 @@ def test_the_early_check_reads_the_servers_answer(monkeypatch, scripted_server):
     assert "s3cret" not in str(no.value) and "bob:***@" in str(no.value)
     with pytest.raises(PipelineError, match=rejected), runs.stage_run("finetune", EXPERIMENT, {}):
         pytest.fail("a stage whose run opens at once is checked too, not left to MLflow's own error")
+    with pytest.raises(PipelineError, match=rejected):
+        preflight.check_reachable(None)  # predict, lineage: wrong credentials are wrong for the registry too
+    server.answer = (403, "text/plain", "Permission denied")
+    with pytest.raises(PipelineError, match=r"rejected the credentials \(HTTP 403\)"):
+        preflight.check_reachable(EXPERIMENT)  # the stage may not write to its experiment
+    preflight.check_reachable(None)  # the Default experiment's permissions say nothing about the registry
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url + "/mlflow")
     for status in (200, 404):  # a login page, another site's "not found"
@@ -292,3 +298,23 @@ def test_once_checked_a_stage_waits_out_a_server_that_fails_each_request_once(pr
         data=json.dumps({"experiment_ids": [experiment["experiment"]["experiment_id"]]}).encode())
     found = json.loads(urllib.request.urlopen(search, timeout=60).read())["runs"]
     assert [(r["info"]["run_name"], r["info"]["status"]) for r in found] == [("prepare", "FINISHED")]
+
+
+@pytest.mark.slow  # it listens on a port, for milliseconds
+def test_a_process_asks_once_so_a_stage_checked_before_its_work_is_not_failed_fast_after_it(
+        monkeypatch, scripted_server):
+    """check_once (store.setup_uri: a deferred stage's MLflow set-up after its work, predict)
+    asks only when this process has not yet seen the server take runs; MLflow's retries do the rest."""
+    for name in (*CREDENTIALS, *preflight.PLUGIN_AUTH):
+        monkeypatch.delenv(name, raising=False)
+    server = scripted_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    server.answer = (401, "text/plain", "no")
+    with pytest.raises(PipelineError, match="rejected the credentials"):
+        preflight.check_once()  # never answered yes: asked, and a definite no fails
+    server.answer = (404, "application/json", {"error_code": "RESOURCE_DOES_NOT_EXIST"})
+    preflight.check_reachable(EXPERIMENT)  # the stage's check before its work
+    server.answer = (401, "text/plain", "no")  # e.g. a password rotated while the stage worked
+    asked = len(server.seen)
+    preflight.check_once()
+    assert len(server.seen) == asked  # not asked again: MLflow's own call (and its retries) decides

@@ -30,17 +30,18 @@ PLUGIN_AUTH = ("MLFLOW_TRACKING_AUTH", "MLFLOW_TRACKING_AWS_SIGV4")
 _answered: set[str] = set()
 
 
-def check_once(experiment: str = "Default") -> None:
+def check_once(experiment: str | None = None) -> None:
     """check_reachable, unless this process already did so for the same URI (a stage checks before
     its work; its MLflow set-up after the work must not fail fast where it can wait instead)."""
     if os.environ.get("MLFLOW_TRACKING_URI", "") not in _answered:
         check_reachable(experiment)
 
 
-def check_reachable(experiment: str) -> None:
+def check_reachable(experiment: str | None) -> None:
     """Fail now when MLFLOW_TRACKING_URI names a server nothing answers at (a TCP connection) or,
     for an HTTP server, one that definitely will not take our runs: it rejects the credentials,
-    or what answers is not an MLflow tracking server. Anything less definite (TLS set-up, a slow
+    or what answers is not an MLflow tracking server. experiment: the one the stage logs to (None
+    for commands that only read the registry, such as predict). Anything less definite (TLS set-up, a slow
     or failing server) is left to MLflow's own first call. Skipped when a proxy stands between
     (the connection is the proxy's to make) and for stores with no host (a SQLite file, a socket)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
@@ -55,7 +56,7 @@ def check_reachable(experiment: str) -> None:
     _answered.add(uri)
 
 
-def _check_it_answers(uri: str, parts: urllib.parse.SplitResult, scheme: str, experiment: str) -> None:
+def _check_it_answers(uri: str, parts: urllib.parse.SplitResult, scheme: str, experiment: str | None) -> None:
     try:
         port = parts.port or DEFAULT_PORTS[scheme]
         socket.create_connection((parts.hostname, port), timeout=TIMEOUT_SECONDS).close()
@@ -66,12 +67,12 @@ def _check_it_answers(uri: str, parts: urllib.parse.SplitResult, scheme: str, ex
         _check_it_takes_runs(uri, experiment)
 
 
-def _check_it_takes_runs(uri: str, experiment: str) -> None:
+def _check_it_takes_runs(uri: str, experiment: str | None) -> None:
     """Ask the server the first question a stage's MLflow asks (does the experiment exist?), with
     the credentials MLflow would send, and fail on a definite no."""
     parts = urllib.parse.urlsplit(uri)
     host = parts.netloc.rpartition("@")[2]  # credentials in the URI go in the header, as requests does
-    query = urllib.parse.urlencode({"experiment_name": experiment})
+    query = urllib.parse.urlencode({"experiment_name": experiment or "Default"})
     url = urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/") +
                                    "/api/2.0/mlflow/experiments/get-by-name", query, ""))
     request = urllib.request.Request(url, headers=_auth_headers(parts))
@@ -80,7 +81,9 @@ def _check_it_takes_runs(uri: str, experiment: str) -> None:
     except (OSError, ValueError, http.client.HTTPException):  # TLS, timeouts, not HTTP: MLflow decides
         return
     where = f"MLflow tracking store {redacted(uri)}"
-    if status in (401, 403):
+    # 401: the credentials are wrong. 403: right, but not allowed this experiment; which says
+    # nothing about the registry a command without an experiment (predict) reads
+    if status == 401 or (status == 403 and experiment):
         raise PipelineError(
             f"{where} rejected the credentials (HTTP {status}) — set MLFLOW_TRACKING_USERNAME and "
             "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account that may write there "
