@@ -318,3 +318,41 @@ def test_a_process_asks_once_so_a_stage_checked_before_its_work_is_not_failed_fa
     asked = len(server.seen)
     preflight.check_once()
     assert len(server.seen) == asked  # not asked again: MLflow's own call (and its retries) decides
+
+
+STAGE_WHOSE_SERVER_GOES = """
+import sys
+from pipeline.tracking import runs
+with runs.stage_run("train_head", sys.argv[1], {"lr": 0.1}) as stage:
+    stage.start()
+    print("started", flush=True)
+    sys.stdin.readline()  # the test takes the server away
+    raise RuntimeError("the stage's own error")
+"""
+
+
+@pytest.mark.slow
+def test_a_stage_whose_server_goes_away_ends_with_its_own_error_not_mlflows_retries(project, basic_auth_server):
+    """Ending a failed run is best effort, one try: the stage stops in seconds with its own error
+    (not after MLflow's 4 minutes of retries, not with MLflow's), and the run is left to be reaped."""
+    url, password = basic_auth_server
+    handler = type("Handler", (FirstTimeUnavailable,), {"upstream": ("127.0.0.1", int(url.rsplit(":", 1)[1])),
+                                                        "refused": []})
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    env = {**project_env(project), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.server_address[1]}",
+           "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+    stage = subprocess.Popen([str(BIN / "python"), "-c", STAGE_WHOSE_SERVER_GOES, EXPERIMENT], cwd=project, env=env,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert stage.stdout.readline().strip() == "started"  # through the proxy's 503s: MLflow retried
+        proxy.shutdown()
+        proxy.server_close()  # connections refused from now on
+        started = time.monotonic()
+        _, stderr = stage.communicate("\n", timeout=300)
+    finally:
+        stage.kill()
+    assert time.monotonic() - started < 60, "ending the failed run waited on MLflow's retries"
+    assert stage.returncode != 0
+    assert stderr.strip().splitlines()[-1] == "RuntimeError: the stage's own error"
+    assert "warning: MLflow run of train_head not ended FAILED (MlflowException)" in stderr

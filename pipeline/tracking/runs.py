@@ -7,13 +7,14 @@ import contextlib
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
 from pipeline import interrupts
 from pipeline.tracking.logs import log_metrics, log_params
 from pipeline.tracking.preflight import check_reachable
-from pipeline.tracking.store import _clock, _overhead, client, defer_run, setup, timed
+from pipeline.tracking.store import _clock, _overhead, client, defer_run, setup, timed, without_retries
 
 
 def git_commit() -> str:
@@ -104,14 +105,20 @@ class StageRun:
         return self.run
 
     def end(self, status: str) -> None:
-        """End as status; a run not yet opened is opened first, so a failed or killed deferred
-        stage is on record too — unless MLflow itself is what failed."""
-        try:
-            self.start()
-        except Exception:  # the store is unreachable: the stage's own error is the one to show
-            if self.run is None:
-                return
-        _end_all_runs(status, self.experiment_id)
+        """End as status (FAILED, KILLED); a run not yet opened is opened first, so a failed or
+        killed deferred stage is on record too — unless MLflow itself is what failed. Best effort,
+        one try per call: the stage's own error is the one to show."""
+        with without_retries():
+            try:
+                self.start()
+            except Exception:  # the store is unreachable
+                if self.run is None:
+                    return
+            try:
+                _end_all_runs(status, self.experiment_id)
+            except Exception as exc:
+                print(f"warning: MLflow run of {self.stage} not ended {status} ({type(exc).__name__}); "
+                      "the next stage on this host ends it KILLED", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

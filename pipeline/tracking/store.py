@@ -19,6 +19,24 @@ from pipeline.tracking import preflight
 # preflight (setup_uri asks it when the stage has not).
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
+# ...except when a failed or stopped stage records its end: one try, 10 s (see without_retries)
+NO_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def without_retries() -> Iterator[None]:
+    """MLflow's HTTP calls in the block try once (unless the user set these variables): ending a
+    failed or stopped run is best effort — the next stage reaps a run left RUNNING — and must not
+    keep a stage that SIGTERM stopped, or whose server is gone, for MLflow's 4 minutes of retries
+    (a CI runner kills it after seconds). MLflow reads them at each call."""
+    added = [name for name in NO_RETRIES if name not in os.environ]
+    os.environ.update({name: NO_RETRIES[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
 
 # What MLflow costs a stage, in wall seconds: start-up (importing MLflow, opening or creating
 # the store) and calls (every log, registry and run call the stage makes).
