@@ -3,6 +3,7 @@ the cached activations under its own nested MLflow run; also re-scoring runs wit
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 import time
@@ -27,6 +28,7 @@ from pipeline.params import Params
 from pipeline.progress import say
 from pipeline.search import study
 from pipeline.tracking import logs, runs
+from pipeline.tracking.store import without_retries
 
 TRIAL_WEIGHTS = "trial_weights.safetensors"
 
@@ -91,7 +93,9 @@ class TrialRunner:
             say(f"finetune: trial {slot} (k={cfg.k}) {pruned} ({time.perf_counter() - start:.1f} s)")
             raise
         except KeyboardInterrupt:  # ^C, or SIGTERM (errors.Terminated)
-            self._end(log, "KILLED")
+            # stopping: one try, and a failure here leaves the stage run's end to close this run
+            with without_retries(), contextlib.suppress(Exception):
+                self._end(log, "KILLED")
             raise
         except BaseException as exc:
             log.set_tags({"optuna_state": "FAIL", "error": repr(exc)[:1000]})
