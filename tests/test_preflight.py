@@ -200,6 +200,18 @@ def basic_auth_server(tmp_path):
     log.close()
 
 
+def runs_on_server(url: str, password: str) -> list[tuple[str, str]]:
+    """(run name, status) of the experiment's runs, asked of the server directly as admin."""
+    auth = {"Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()}
+    experiment = json.loads(urllib.request.urlopen(urllib.request.Request(
+        f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={EXPERIMENT}", headers=auth), timeout=60).read())
+    search = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json", **auth},
+        data=json.dumps({"experiment_ids": [experiment["experiment"]["experiment_id"]]}).encode())
+    return [(r["info"]["run_name"], r["info"]["status"])
+            for r in json.loads(urllib.request.urlopen(search, timeout=60).read())["runs"]]
+
+
 @pytest.mark.slow
 def test_a_real_mlflow_server_that_rejects_the_credentials_stops_a_stage_before_its_work(project, basic_auth_server):
     """`prepare` (it logs at its end) against MLflow's basic-auth server: without the password it
@@ -224,14 +236,7 @@ def test_a_real_mlflow_server_that_rejects_the_credentials_stops_a_stage_before_
     admin = {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
     run(stage, project, env=admin)
     assert (project / "data" / "prepared" / "classes.json").exists()
-    auth = {"Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()}
-    experiment = json.loads(urllib.request.urlopen(urllib.request.Request(
-        f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={EXPERIMENT}", headers=auth), timeout=60).read())
-    search = urllib.request.Request(
-        f"{url}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json", **auth},
-        data=json.dumps({"experiment_ids": [experiment["experiment"]["experiment_id"]]}).encode())
-    found = json.loads(urllib.request.urlopen(search, timeout=60).read())["runs"]
-    assert [(r["info"]["run_name"], r["info"]["status"]) for r in found] == [("prepare", "FINISHED")]
+    assert runs_on_server(url, password) == [("prepare", "FINISHED")]
 
 
 class FirstTimeUnavailable(http.server.BaseHTTPRequestHandler):
@@ -270,16 +275,23 @@ class FirstTimeUnavailable(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def first_time_unavailable(url: str) -> tuple[http.server.ThreadingHTTPServer, list[str]]:
+    """A running FirstTimeUnavailable proxy before the server at url, and the endpoints it refused."""
+    refused: list[str] = []
+    handler = type("Handler", (FirstTimeUnavailable,), {"upstream": ("127.0.0.1", int(url.rsplit(":", 1)[1])),
+                                                        "refused": refused})
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    return proxy, refused
+
+
 @pytest.mark.slow
 def test_once_checked_a_stage_waits_out_a_server_that_fails_each_request_once(project, basic_auth_server):
     """After the early check, MLflow's calls keep MLflow's own retries: a server that is briefly
     unavailable while a stage logs its finished work costs the stage nothing (it used to fail it,
     and DVC recorded none of the work)."""
     url, password = basic_auth_server
-    handler = type("Handler", (FirstTimeUnavailable,), {"upstream": ("127.0.0.1", int(url.rsplit(":", 1)[1])),
-                                                        "refused": []})
-    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    proxy, refused = first_time_unavailable(url)
     try:
         run([str(BIN / "python"), "-m", "pipeline", "shapes"], project)
         run([str(BIN / "python"), "-m", "pipeline", "prepare"], project, env={
@@ -287,17 +299,9 @@ def test_once_checked_a_stage_waits_out_a_server_that_fails_each_request_once(pr
             "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password})
     finally:
         proxy.shutdown()
-    refused = handler.refused
     assert any("/runs/create" in e for e in refused) and any("/runs/search" in e for e in refused), refused
     assert any("/runs/log-batch" in e or "/runs/update" in e for e in refused), refused
-    auth = {"Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()}
-    experiment = json.loads(urllib.request.urlopen(urllib.request.Request(
-        f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={EXPERIMENT}", headers=auth), timeout=60).read())
-    search = urllib.request.Request(
-        f"{url}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json", **auth},
-        data=json.dumps({"experiment_ids": [experiment["experiment"]["experiment_id"]]}).encode())
-    found = json.loads(urllib.request.urlopen(search, timeout=60).read())["runs"]
-    assert [(r["info"]["run_name"], r["info"]["status"]) for r in found] == [("prepare", "FINISHED")]
+    assert runs_on_server(url, password) == [("prepare", "FINISHED")]
 
 
 @pytest.mark.slow  # it listens on a port, for milliseconds
@@ -336,16 +340,14 @@ def test_a_stage_whose_server_goes_away_ends_with_its_own_error_not_mlflows_retr
     """Ending a failed run is best effort, one try: the stage stops in seconds with its own error
     (not after MLflow's 4 minutes of retries, not with MLflow's), and the run is left to be reaped."""
     url, password = basic_auth_server
-    handler = type("Handler", (FirstTimeUnavailable,), {"upstream": ("127.0.0.1", int(url.rsplit(":", 1)[1])),
-                                                        "refused": []})
-    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    proxy, refused = first_time_unavailable(url)
     env = {**project_env(project), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.server_address[1]}",
            "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
     stage = subprocess.Popen([str(BIN / "python"), "-c", STAGE_WHOSE_SERVER_GOES, EXPERIMENT], cwd=project, env=env,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert stage.stdout.readline().strip() == "started"  # through the proxy's 503s: MLflow retried
+        assert stage.stdout.readline().strip() == "started"
+        assert any("/runs/create" in e for e in refused), refused  # through a 503: MLflow retried it
         proxy.shutdown()
         proxy.server_close()  # connections refused from now on
         started = time.monotonic()
@@ -356,3 +358,4 @@ def test_a_stage_whose_server_goes_away_ends_with_its_own_error_not_mlflows_retr
     assert stage.returncode != 0
     assert stderr.strip().splitlines()[-1] == "RuntimeError: the stage's own error"
     assert "warning: MLflow run of train_head not ended FAILED (MlflowException)" in stderr
+    assert runs_on_server(url, password) == [("train_head", "RUNNING")]  # for the next stage to reap
