@@ -49,6 +49,9 @@ def project_env(project: Path) -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PIPELINE_QUIET"] = "1"
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers and "OMP_NUM_THREADS" not in env:  # the stages it starts share the cores as pytest_configure's
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // int(workers)))
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("OPTUNA_STORAGE", None)
     env.pop("PIPELINE_HOME", None)
