@@ -50,7 +50,7 @@ def project_env(project: Path) -> dict:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PIPELINE_QUIET"] = "1"
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    if workers and "OMP_NUM_THREADS" not in env:  # the stages it starts share the cores as pytest_configure's
+    if workers and "OMP_NUM_THREADS" not in env:  # C/N threads, as pytest_configure gives this process
         env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // int(workers)))
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("OPTUNA_STORAGE", None)

@@ -157,6 +157,16 @@ def test_unreachable_mlflow_fails_fast_and_clearly(monkeypatch):
     assert "s3cret" not in str(no.value)  # MLflow's own message quotes the URL it called
 
 
+def test_a_library_message_that_quotes_the_url_loses_its_password():
+    """store.setup's error for a server that passed the early check but failed MLflow's call
+    quotes MLflow's message, which quotes the URL it called."""
+    from pipeline.errors import reason
+
+    failed = RuntimeError("API request to http://bob:s3cret@mlflow.example/api/2.0 failed\nTraceback …")
+    shown = reason(failed, "http://bob:s3cret@mlflow.example")
+    assert shown == "API request to http://bob:***@mlflow.example/api/2.0 failed"
+
+
 def test_an_optuna_storage_that_cannot_be_opened_is_one_line_naming_it_and_the_fix(tmp_path):
     """A dead database, a misspelt scheme, a folder that is not there: each is the one line that
     `__main__` prints (store, the database's reason, the fix), never a SQLAlchemy traceback, and
