@@ -154,7 +154,7 @@ def test_unreachable_mlflow_fails_fast_and_clearly(monkeypatch):
     with pytest.raises(PipelineError, match=quoted) as no:
         store.setup("transfer-pipeline")
     assert time.monotonic() - started < 30
-    assert "s3cret" not in str(no.value)  # MLflow's own message quotes the URL it called
+    assert "s3cret" not in str(no.value)  # the line names the store by its URL
 
 
 def test_a_library_message_that_quotes_the_url_loses_its_password():
