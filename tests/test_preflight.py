@@ -118,8 +118,9 @@ def test_the_early_check_reads_the_servers_answer(monkeypatch, scripted_server):
     assert "s3cret" not in str(no.value) and "bob:***@" in str(no.value)
     with pytest.raises(PipelineError, match=rejected), runs.stage_run("finetune", EXPERIMENT, {}):
         pytest.fail("a stage whose run opens at once is checked too, not left to MLflow's own error")
-    with pytest.raises(PipelineError, match=rejected):
+    with pytest.raises(PipelineError, match=rejected) as no:
         preflight.check_reachable(None)  # predict, lineage: wrong credentials are wrong for the registry too
+    assert str(no.value).endswith("to an account that may read its model registry (checked before any work)")
     server.answer = (403, "text/plain", "Permission denied")
     with pytest.raises(PipelineError, match=r"rejected the credentials \(HTTP 403\)"):
         preflight.check_reachable(EXPERIMENT)  # the stage may not write to its experiment
@@ -224,8 +225,8 @@ def test_a_real_mlflow_server_that_rejects_the_credentials_stops_a_stage_before_
         assert refused.returncode == 2, refused.stderr
         assert refused.stderr.strip().splitlines()[-1] == (
             f"error: MLflow tracking store {url} rejected the credentials (HTTP 401) — set MLFLOW_TRACKING_USERNAME "
-            "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account that may write there (checked "
-            "before any work)")
+            "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account that may write to experiment "
+            f"{EXPERIMENT!r} (checked before any work)")
         assert not (project / "data" / "prepared").exists()
 
     wrong_path = run(stage, project, check=False, env={"MLFLOW_TRACKING_URI": f"{url}/mlflow",

@@ -40,10 +40,11 @@ def check_once(experiment: str | None = None) -> None:
 def check_reachable(experiment: str | None) -> None:
     """Fail now when MLFLOW_TRACKING_URI names a server nothing answers at (a TCP connection) or,
     for an HTTP server, one that definitely will not take our runs: it rejects the credentials,
-    or what answers is not an MLflow tracking server. experiment: the one the stage logs to (None
-    for commands that only read the registry, such as predict). Anything less definite (TLS set-up, a slow
-    or failing server) is left to MLflow's own first call. Skipped when a proxy stands between
-    (the connection is the proxy's to make) and for stores with no host (a SQLite file, a socket)."""
+    or what answers is not an MLflow tracking server. experiment: the one the stage logs to
+    (None for commands that only read the registry, such as predict). Anything less definite
+    (TLS set-up, a slow or failing server) is left to MLflow's own first call. Skipped when a
+    proxy stands between (the connection is the proxy's to make) and for stores with no host (a
+    SQLite file, a socket)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     parts = urllib.parse.urlsplit(uri)
     scheme = parts.scheme.split("+")[0]  # postgresql+psycopg -> postgresql
@@ -84,9 +85,10 @@ def _check_it_takes_runs(uri: str, experiment: str | None) -> None:
     # 401: the credentials are wrong. 403: right, but not allowed this experiment; which says
     # nothing about the registry a command without an experiment (predict) reads
     if status == 401 or (status == 403 and experiment):
+        access = f"write to experiment {experiment!r}" if experiment else "read its model registry"
         raise PipelineError(
             f"{where} rejected the credentials (HTTP {status}) — set MLFLOW_TRACKING_USERNAME and "
-            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account that may write there "
+            f"MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account that may {access} "
             "(checked before any work)")
     if status in (200, 404) and not _is_mlflow_answer(body):
         raise PipelineError(
