@@ -113,8 +113,10 @@ def compiled(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
     if not enabled:
         return model
     # trials of different k share TopModel.forward: room for each k's train and eval graphs
+    # (torch 2.6 knows the limit only by its old name)
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, 64)
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), 64))
     return torch.compile(model)
 
 

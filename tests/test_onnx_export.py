@@ -52,7 +52,8 @@ def colour_model(weights: str = "none") -> Classifier:
         features = backbone(normalize(torch.from_numpy(pixels), backbone.input_config))  # (12, D)
         centre = features.mean(0)
         targets = 8 * torch.nn.functional.one_hot(torch.from_numpy(labels), 3).float() - 4
-        solution = torch.linalg.lstsq(features - centre, targets).solution  # (D, 3)
+        # gelsd (SVD): the default driver's answer to this rank-deficient system was all zeros on torch 2.6
+        solution = torch.linalg.lstsq(features - centre, targets, driver="gelsd").solution  # (D, 3)
         head = Head(backbone.num_features, len(CLASSES), 0.0)
         head.fc.weight.copy_(solution.T)
         head.fc.bias.copy_(-(centre @ solution))
