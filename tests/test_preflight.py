@@ -175,9 +175,10 @@ def basic_auth_server(tmp_path):
     config = tmp_path / "basic_auth.ini"
     config.write_text("[mlflow]\ndefault_permission = READ\n"
                       f"database_uri = sqlite:///{tmp_path / 'users.db'}\nadmin_username = admin\n"
+                      f"admin_password = {password}\n"  # in the file: MLflow < 3.17 reads it nowhere else
                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     env = {**project_env(tmp_path), "MLFLOW_AUTH_CONFIG_PATH": str(config),
-           "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": "tests-only"}
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "tests-only"}
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen([str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--backend-store-uri",
                                f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination",

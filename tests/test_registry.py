@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import pickle
@@ -150,16 +151,17 @@ def test_the_registered_model_returns_probabilities_calibrated_on_validation(reg
 
 
 @pytest.mark.slow
-def test_mlflow_models_serve_answers_a_png(registered):
+def test_mlflow_models_serve_answers_a_png(registered, tmp_path):
     path, _ = a_test_image(registered)
     port = free_port()
     env = {**project_env(registered), "MLFLOW_TRACKING_URI": tracking_uri(registered)}
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=registered, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    log = tmp_path / "serve.log"
+    with log.open("w") as output:
+        server = subprocess.Popen(
+            [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
+             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=registered, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -167,7 +169,7 @@ def test_mlflow_models_serve_answers_a_png(registered):
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
                 break
             except OSError:
-                assert server.poll() is None, "the server exited"
+                assert server.poll() is None, f"the server exited: {log.read_text()[-3000:]}"
                 time.sleep(1)
         body = json.dumps({"dataframe_split": {"columns": ["image"],
                                                "data": [[base64.b64encode(path.read_bytes()).decode()]]}})
@@ -175,7 +177,8 @@ def test_mlflow_models_serve_answers_a_png(registered):
                                          {"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # it may have exited already (the assert above)
+            os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
     prediction = answer["predictions"][0]
     champion_probs = prediction["probabilities"]

@@ -94,7 +94,8 @@ def run_link(run_id: str | None, experiment_id: str | None) -> str:
 def compare_hint(experiment_id: str | None) -> str:
     """Where a reader compares the pipeline runs: MLflow's model-training view of the experiment."""
     uri = store.tracking_uri()
-    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    # the runs tab: MLflow < 3.17 opens an experiment on its GenAI overview and ignores workflowType
+    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     if uri.startswith("http"):
         return f"Compare the pipeline runs at {uri.rstrip('/')}/{page}."
     return (f"Compare the pipeline runs: `mlflow ui --backend-store-uri {store_name(uri)}`, then open "

@@ -28,6 +28,16 @@ def storage_url() -> str:
     return f"sqlite:///{mlruns_dir() / 'optuna.db'}"
 
 
+# Optuna 4.9 renamed the retry callback and RDBStorage's argument for it (the old names are
+# deprecated until 6.0); pyproject admits Optuna 4.0, which has only the old ones.
+if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
+    _RetryStaleTrial = optuna.storages.RetryHeartbeatStaleTrialCallback
+    _STALE_CALLBACK_ARGUMENT = "heartbeat_stale_trial_callback"
+else:
+    _RetryStaleTrial = optuna.storages.RetryFailedTrialCallback
+    _STALE_CALLBACK_ARGUMENT = "failed_trial_callback"
+
+
 def make_storage(url: str | None = None) -> optuna.storages.BaseStorage:
     """RDB storage with heartbeats: a killed worker's trial is failed and retried, not left RUNNING."""
     url = url or storage_url()
@@ -43,7 +53,7 @@ def make_storage(url: str | None = None) -> optuna.storages.BaseStorage:
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=HEARTBEAT_SECONDS,
                 grace_period=STALE_AFTER_SECONDS,
-                heartbeat_stale_trial_callback=close_and_retry,
+                **{_STALE_CALLBACK_ARGUMENT: close_and_retry},
             )
     except (SQLAlchemyError, ImportError, RuntimeError) as exc:  # RuntimeError: an old schema
         raise PipelineError(_cannot_open(url, exc)) from None
@@ -99,7 +109,7 @@ STALE_AFTER_SECONDS = 8  # a trial silent this long has lost its worker (SIGKILL
 
 with warnings.catch_warnings():  # "experimental" since Optuna 2.8; the documented way to retry
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-    _retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+    _retry = _RetryStaleTrial(max_retry=3)
 
 
 def close_and_retry(s: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

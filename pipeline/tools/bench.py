@@ -297,9 +297,9 @@ class _NoBar:
 
 def run_study(trial_fn, setup: Setup, n_trials: int) -> tuple[float, float]:
     """A seeded study of n_trials with the configured sampler and pruner; (seconds, best value)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # before create_study: it logs "created" at INFO
     s = optuna.create_study(direction="maximize", sampler=study.make_sampler(setup.params),
                             pruner=study.make_pruner(setup.params))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     def objective(trial):
         config = study.suggest(trial, setup.params)
