@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from conftest import BIN, free_port, project_env, run
 
+from pipeline.reporting.markdown import experiment_page
+
 pytestmark = pytest.mark.slow
 
 DVC = str(BIN / "dvc")
@@ -123,9 +125,8 @@ def test_the_mlflow_ui_lists_and_compares_the_pipeline_runs(two_pipeline_runs, m
     _, experiment, found = pipeline_runs(two_pipeline_runs)
     first, second = sorted((r for r in found if r.data.tags.get("stage") == "pipeline"),
                            key=lambda r: r.info.start_time)
-    # the link the report and README give: the experiment, in the model-training view
-    runs_page = render(f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs?{ML_VIEW}",
-                       tmp_path / "runs.png")
+    # the link the report (and README) give: the experiment's runs tab, in the model-training view
+    runs_page = render(f"{mlflow_server}/{experiment_page(experiment.experiment_id)}", tmp_path / "runs.png")
     assert first.info.run_name in runs_page and second.info.run_name in runs_page  # a row each
     assert "Token Usage" not in runs_page and "Run Name" in runs_page  # the runs table, not GenAI's overview
 

@@ -91,11 +91,17 @@ def run_link(run_id: str | None, experiment_id: str | None) -> str:
     return f"`{run_id}`"
 
 
+def experiment_page(experiment_id: str | None) -> str:
+    """The experiment's runs table in the MLflow UI (the part of the URL after the server). The
+    runs tab, because MLflow < 3.17 opens an experiment on its GenAI overview and ignores
+    workflowType; 3.17 shows its model-training view for it."""
+    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def compare_hint(experiment_id: str | None) -> str:
     """Where a reader compares the pipeline runs: MLflow's model-training view of the experiment."""
     uri = store.tracking_uri()
-    # the runs tab: MLflow < 3.17 opens an experiment on its GenAI overview and ignores workflowType
-    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    page = experiment_page(experiment_id)
     if uri.startswith("http"):
         return f"Compare the pipeline runs at {uri.rstrip('/')}/{page}."
     return (f"Compare the pipeline runs: `mlflow ui --backend-store-uri {store_name(uri)}`, then open "
