@@ -19,14 +19,13 @@ from pathlib import Path
 import pytest
 from conftest import BIN, free_port, project_env, run
 
-from pipeline.reporting.markdown import experiment_page
+from pipeline.reporting.markdown import MODEL_TRAINING_VIEW, experiment_page
 
 pytestmark = pytest.mark.slow
 
 DVC = str(BIN / "dvc")
 CHANGED = ("finetune.weight_decay", "[1.0e-05, 0.001]")  # what the experiment sets
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
-ML_VIEW = "workflowType=machine_learning"  # MLflow 3.17's switch to its model-training view
 
 
 def browser() -> str | None:
@@ -132,7 +131,7 @@ def test_the_mlflow_ui_lists_and_compares_the_pipeline_runs(two_pipeline_runs, m
 
     ids = json.dumps([first.info.run_id, second.info.run_id])
     compare = render(f"{mlflow_server}/#/compare-runs?runs={ids}&experiments={json.dumps([experiment.experiment_id])}"
-                     f"&{ML_VIEW}", tmp_path / "compare.png")
+                     f"&{MODEL_TRAINING_VIEW}", tmp_path / "compare.png")
     text = " ".join(re.sub(r"<[^>]+>", " ", compare).split())
     params_table = text[text.index("Parameters Show diff only"):]
     row = params_table[params_table.index(CHANGED[0]) + len(CHANGED[0]):][:120]  # the UI pretty-prints lists

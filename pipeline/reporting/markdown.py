@@ -91,11 +91,14 @@ def run_link(run_id: str | None, experiment_id: str | None) -> str:
     return f"`{run_id}`"
 
 
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"  # MLflow 3.17's switch away from its GenAI view
+
+
 def experiment_page(experiment_id: str | None) -> str:
     """The experiment's runs table in the MLflow UI (the part of the URL after the server). The
-    runs tab, because MLflow < 3.17 opens an experiment on its GenAI overview and ignores
-    workflowType; 3.17 shows its model-training view for it."""
-    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    runs tab, because MLflow 3.11.1 ignores the view switch and opens an experiment on its GenAI
+    overview (releases between it and 3.17 were not looked at)."""
+    return f"#/experiments/{experiment_id}/runs?{MODEL_TRAINING_VIEW}"
 
 
 def compare_hint(experiment_id: str | None) -> str:
