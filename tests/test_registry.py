@@ -171,6 +171,8 @@ def test_mlflow_models_serve_answers_a_png(registered, tmp_path):
             except OSError:
                 assert server.poll() is None, f"the server exited: {log.read_text()[-3000:]}"
                 time.sleep(1)
+        else:  # alive but silent: say so with its output, not with the next request's URLError
+            pytest.fail(f"the server did not answer /ping in 120 s: {log.read_text()[-3000:]}")
         body = json.dumps({"dataframe_split": {"columns": ["image"],
                                                "data": [[base64.b64encode(path.read_bytes()).decode()]]}})
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body.encode(),
