@@ -13,6 +13,7 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import yaml
@@ -118,31 +119,57 @@ def fingerprint(project: Path) -> dict:
     return found
 
 
-@pytest.fixture(scope="session")
-def reference_run(tmp_path_factory) -> tuple[Path, str, dict]:
-    """One clean `dvc repro` of the tiny project: (project, its output — stdout, then stderr —,
-    its fingerprint).
+class ReferenceRun(NamedTuple):
+    project: Path  # the project the run left; tests may go on from it (the end-to-end test does)
+    output: str  # its stdout, then stderr
+    fingerprint: dict
+    pristine: Path  # a copy of the project taken as the run ended, for clean_copy
 
-    Shared: the end-to-end test goes on from it, the fault tests compare their runs with it.
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory) -> ReferenceRun:
+    """One clean `dvc repro` of the tiny project, the only whole clean run of the shared group.
+
+    The end-to-end test goes on from it; the fault tests compare their runs with its fingerprint;
+    the registry, MLflow and experiment tests start from copies of it (clean_copy).
     """
     project = make_project(tmp_path_factory.mktemp("reference") / "project")
     result = run([str(BIN / "dvc"), "repro"], project)
-    return project, result.stdout + result.stderr, fingerprint(project)
+    pristine = tmp_path_factory.mktemp("reference-pristine") / "project"
+    shutil.copytree(project, pristine, symlinks=True)
+    return ReferenceRun(project, result.stdout + result.stderr, fingerprint(project), pristine)
+
+
+def clean_copy(reference: ReferenceRun, destination: Path) -> Path:
+    """The reference run's project as its `dvc repro` left it — git history, DVC cache, MLflow and
+    Optuna stores — whatever other tests did to the shared one since: one pipeline run, version 1
+    registered as champion. Copying costs a second; a second clean run cost a whole `dvc repro`.
+    New MLflow artifacts land in the reference project's mlruns/artifacts: the copied store
+    records its experiment's artifact location as an absolute path."""
+    shutil.copytree(reference.pristine, destination, symlinks=True)
+    return destination
+
+
+WEIGHT_DECAY_SWEEP = ("finetune.weight_decay", "[1.0e-05, 0.001]")  # what weight_decay_experiment sets
 
 
 @pytest.fixture(scope="session")
-def second_clean_run(tmp_path_factory) -> tuple[Path, dict]:
-    """Another clean `dvc repro` of the same tiny project, in another folder with its own stores:
-    (project, its fingerprint). The registry tests go on from it; the determinism test compares
-    its fingerprint with reference_run's."""
-    project = make_project(tmp_path_factory.mktemp("second") / "project")
-    run([str(BIN / "dvc"), "repro"], project)
-    return project, fingerprint(project)
+def weight_decay_experiment(reference_run, tmp_path_factory) -> tuple[Path, str]:
+    """A clean copy of the reference run, committed, then `dvc exp run -n wd-sweep -S
+    finetune.weight_decay=…`: (project, the experiment's output). Its store holds two pipeline
+    runs, the clean one and the experiment, which re-ran only what that param feeds. Read-only
+    for its tests (the end-to-end and MLflow UI ones)."""
+    project = clean_copy(reference_run, tmp_path_factory.mktemp("experiment") / "project")
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "first pipeline run"], project)
+    key, value = WEIGHT_DECAY_SWEEP
+    result = run([str(BIN / "dvc"), "exp", "run", "-n", "wd-sweep", "-S", f"{key}={value}"], project, timeout=900)
+    return project, result.stdout + result.stderr
 
 
 # `make test` runs the suite in parallel (pytest-xdist, --dist loadgroup). Tests sharing an
 # expensive fixture (a whole `dvc repro`) go to one worker, so each is built once.
-SHARED_FIXTURE_GROUPS = {"reference_run": "clean_runs", "second_clean_run": "clean_runs",
+SHARED_FIXTURE_GROUPS = {"reference_run": "clean_runs", "weight_decay_experiment": "clean_runs",
                          "trained_head": "trained_head", "audited": "audited"}
 
 

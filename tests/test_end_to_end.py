@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from conftest import BIN, ROOT, TINY, run
 
 pytestmark = pytest.mark.slow
@@ -52,8 +51,8 @@ def fresh_accuracy(project: Path, checkpoint: Path) -> float:
     return right / total
 
 
-def test_pipeline_end_to_end(reference_run):
-    project, first_output, _ = reference_run
+def test_pipeline_end_to_end(reference_run, weight_decay_experiment):
+    project, first_output = reference_run.project, reference_run.output
     assert ran_stages(first_output) == {
         "shapes", "prepare", "extract", "audit", "train_head", "finetune", "evaluate", "report"
     }
@@ -97,20 +96,18 @@ def test_pipeline_end_to_end(reference_run):
     second = run([DVC, "repro"], project)
     assert ran_stages(second.stdout) == set()
 
-    # one finetune param: only finetune and evaluate
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["finetune"]["weight_decay"] = [0.00001, 0.001]
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    changed = run([DVC, "params", "diff", "--json"], project).stdout
+    # one finetune param (`dvc exp run -S` on a clean copy of this run): only what it feeds re-runs
+    swept, swept_output = weight_decay_experiment
+    changed = run([DVC, "params", "diff", "--json"], swept).stdout
     assert "finetune.weight_decay" in changed
-    third = run([DVC, "repro"], project)
-    assert ran_stages(third.stdout) == {"finetune", "evaluate", "report"}
+    assert ran_stages(swept_output) == {"finetune", "evaluate", "report"}
 
-    # MLflow: stage runs, nested trial runs with curves, and a loadable champion
+    # MLflow (the swept project's store: both runs): stage runs, nested trial runs with curves, and a
+    # loadable champion
     import mlflow
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+    uri = f"sqlite:///{swept / 'mlruns' / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment = client.get_experiment_by_name("transfer-pipeline")
     runs = client.search_runs([experiment.experiment_id], max_results=200)
@@ -134,7 +131,7 @@ def test_pipeline_end_to_end(reference_run):
 
     version = client.get_model_version_by_alias("tiny-classifier", "champion")
     assert version.tags["data_hash"] and version.tags["git_commit"] != "unknown"
-    shipped = json.loads((project / "metrics/selection.json").read_text())["shipped"]  # after the rerun
+    shipped = json.loads((swept / "metrics/selection.json").read_text())["shipped"]  # after the rerun
     assert version.tags["shipped"] == shipped  # tiny data: either model may win on validation
     if shipped == "finetuned":
         assert version.tags["optuna_study"].startswith("finetune-")
@@ -145,7 +142,7 @@ def test_pipeline_end_to_end(reference_run):
     model = mlflow.pyfunc.load_model("models:/tiny-classifier@champion")
     import base64
 
-    png = next((project / "data/shapes/circle").glob("*.png"))
+    png = next((swept / "data/shapes/circle").glob("*.png"))
     out = model.predict(
         __import__("pandas").DataFrame({"image": [base64.b64encode(png.read_bytes()).decode()]})
     )
@@ -153,6 +150,6 @@ def test_pipeline_end_to_end(reference_run):
     assert 0 < out.loc[0, "probability"] <= 1
 
     # the Optuna study lives under mlruns/ and holds the completed trials
-    with sqlite3.connect(project / "mlruns" / "optuna.db") as db:
+    with sqlite3.connect(swept / "mlruns" / "optuna.db") as db:
         states = [row[0] for row in db.execute("select state from trials")]
     assert states.count("COMPLETE") >= 4

@@ -17,14 +17,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import BIN, free_port, project_env, run
+from conftest import BIN, WEIGHT_DECAY_SWEEP, free_port, project_env
 
 from pipeline.reporting.markdown import MODEL_TRAINING_VIEW, experiment_page
 
 pytestmark = pytest.mark.slow
 
-DVC = str(BIN / "dvc")
-CHANGED = ("finetune.weight_decay", "[1.0e-05, 0.001]")  # what the experiment sets
+CHANGED = WEIGHT_DECAY_SWEEP  # what the experiment sets
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
 
@@ -33,14 +32,9 @@ def browser() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def two_pipeline_runs(second_clean_run, tmp_path_factory) -> Path:
-    """second_clean_run's project (one pipeline run), copied, plus a `dvc exp run -S` of it."""
-    project = tmp_path_factory.mktemp("ui") / "project"
-    shutil.copytree(second_clean_run[0], project, symlinks=True)
-    run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "first pipeline run"], project)
-    run([DVC, "exp", "run", "-n", "wd-sweep", "-S", f"{CHANGED[0]}={CHANGED[1]}"], project, timeout=900)
-    return project
+def two_pipeline_runs(weight_decay_experiment) -> Path:
+    """A project with one clean pipeline run, plus a `dvc exp run -S` of it (conftest)."""
+    return weight_decay_experiment[0]
 
 
 def pipeline_runs(project: Path):

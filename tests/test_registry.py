@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import BIN, free_port, project_env, run
+from conftest import BIN, clean_copy, free_port, project_env, run
 from PIL import Image
 
 from pipeline.tracking.gate import decide, mcnemar_exact_p
@@ -85,8 +85,9 @@ def test_first_version_is_promoted_and_mcnemar_matches_the_binomial_tail():
 # --- a real registered model -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def registered(second_clean_run) -> Path:
-    return second_clean_run[0]
+def registered(reference_run, tmp_path_factory) -> Path:
+    """A project after one clean pipeline run: version 1 of the model registered as champion."""
+    return clean_copy(reference_run, tmp_path_factory.mktemp("registered") / "project")
 
 
 def tracking_uri(project: Path) -> str:
