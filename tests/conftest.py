@@ -170,7 +170,8 @@ def weight_decay_experiment(reference_run, tmp_path_factory) -> tuple[Path, str]
 # `make test` runs the suite in parallel (pytest-xdist, --dist loadgroup). Tests sharing an
 # expensive fixture (a whole `dvc repro`) go to one worker, so each is built once.
 SHARED_FIXTURE_GROUPS = {"reference_run": "clean_runs", "weight_decay_experiment": "clean_runs",
-                         "trained_head": "trained_head", "audited": "audited"}
+                         "trained_head": "trained_head", "audited": "audited",
+                         "basic_auth_server": "auth_server"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups

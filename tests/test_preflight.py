@@ -13,9 +13,10 @@ import subprocess
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
-from conftest import BIN, free_port, project_env, run
+from conftest import BIN, free_port, make_project, project_env, run
 
 from pipeline.errors import PipelineError
 from pipeline.tracking import preflight, runs
@@ -168,9 +169,12 @@ def test_a_server_that_never_answers_or_does_not_speak_http_is_left_to_mlflow(mo
         preflight.check_reachable(EXPERIMENT)
 
 
-@pytest.fixture
-def basic_auth_server(tmp_path):
-    """A real `mlflow server --app-name basic-auth` (MLflow's own user store), admin's password known."""
+@pytest.fixture(scope="module")
+def basic_auth_server(tmp_path_factory):
+    """A real `mlflow server --app-name basic-auth` (MLflow's own user store), admin's password known.
+    One for the module (its start costs 15-30 s): each test writes to an experiment of its own
+    (server_project)."""
+    tmp_path = tmp_path_factory.mktemp("auth-server")
     port, password = free_port(), "adm1n-s3cret"
     config = tmp_path / "basic_auth.ini"
     config.write_text("[mlflow]\ndefault_permission = READ\n"
@@ -202,23 +206,32 @@ def basic_auth_server(tmp_path):
     log.close()
 
 
-def runs_on_server(url: str, password: str) -> list[tuple[str, str]]:
+@pytest.fixture
+def server_project(tmp_path, request) -> tuple[Path, str]:
+    """A tiny project whose stages log to an experiment named after the test: (project, experiment)."""
+    experiment = f"preflight-{request.node.name}"[:60]
+    return make_project(tmp_path / "project", {"mlflow": {"experiment": experiment}}), experiment
+
+
+def runs_on_server(url: str, password: str, experiment: str) -> list[tuple[str, str]]:
     """(run name, status) of the experiment's runs, asked of the server directly as admin."""
     auth = {"Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()}
-    experiment = json.loads(urllib.request.urlopen(urllib.request.Request(
-        f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={EXPERIMENT}", headers=auth), timeout=60).read())
+    found = json.loads(urllib.request.urlopen(urllib.request.Request(
+        f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={experiment}", headers=auth), timeout=60).read())
     search = urllib.request.Request(
         f"{url}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json", **auth},
-        data=json.dumps({"experiment_ids": [experiment["experiment"]["experiment_id"]]}).encode())
+        data=json.dumps({"experiment_ids": [found["experiment"]["experiment_id"]]}).encode())
     return [(r["info"]["run_name"], r["info"]["status"])
             for r in json.loads(urllib.request.urlopen(search, timeout=60).read())["runs"]]
 
 
 @pytest.mark.slow
-def test_a_real_mlflow_server_that_rejects_the_credentials_stops_a_stage_before_its_work(project, basic_auth_server):
+def test_a_real_mlflow_server_that_rejects_the_credentials_stops_a_stage_before_its_work(server_project,
+                                                                                        basic_auth_server):
     """`prepare` (it logs at its end) against MLflow's basic-auth server: without the password it
     stops before decoding a single image; with it, the same stage runs and lands on the server."""
     url, password = basic_auth_server
+    project, experiment = server_project
     run([str(BIN / "python"), "-m", "pipeline", "shapes"], project)
     stage = [str(BIN / "python"), "-m", "pipeline", "prepare"]
     for wrong in ({}, {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "guess"}):
@@ -227,7 +240,7 @@ def test_a_real_mlflow_server_that_rejects_the_credentials_stops_a_stage_before_
         assert refused.stderr.strip().splitlines()[-1] == (
             f"error: MLflow tracking store {url} rejected the credentials (HTTP 401) — set MLFLOW_TRACKING_USERNAME "
             "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account that may write to experiment "
-            f"{EXPERIMENT!r} (checked before any work)")
+            f"{experiment!r} (checked before any work)")
         assert not (project / "data" / "prepared").exists()
 
     wrong_path = run(stage, project, check=False, env={"MLFLOW_TRACKING_URI": f"{url}/mlflow",
@@ -238,7 +251,7 @@ def test_a_real_mlflow_server_that_rejects_the_credentials_stops_a_stage_before_
     admin = {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
     run(stage, project, env=admin)
     assert (project / "data" / "prepared" / "classes.json").exists()
-    assert runs_on_server(url, password) == [("prepare", "FINISHED")]
+    assert runs_on_server(url, password, experiment) == [("prepare", "FINISHED")]
 
 
 class FirstTimeUnavailable(http.server.BaseHTTPRequestHandler):
@@ -288,11 +301,12 @@ def first_time_unavailable(url: str) -> tuple[http.server.ThreadingHTTPServer, l
 
 
 @pytest.mark.slow
-def test_once_checked_a_stage_waits_out_a_server_that_fails_each_request_once(project, basic_auth_server):
+def test_once_checked_a_stage_waits_out_a_server_that_fails_each_request_once(server_project, basic_auth_server):
     """After the early check, MLflow's calls keep MLflow's own retries: a server that is briefly
     unavailable while a stage logs its finished work costs the stage nothing (it used to fail it,
     and DVC recorded none of the work)."""
     url, password = basic_auth_server
+    project, experiment = server_project
     proxy, refused = first_time_unavailable(url)
     try:
         run([str(BIN / "python"), "-m", "pipeline", "shapes"], project)
@@ -303,7 +317,7 @@ def test_once_checked_a_stage_waits_out_a_server_that_fails_each_request_once(pr
         proxy.shutdown()
     assert any("/runs/create" in e for e in refused) and any("/runs/search" in e for e in refused), refused
     assert any("/runs/log-batch" in e or "/runs/update" in e for e in refused), refused
-    assert runs_on_server(url, password) == [("prepare", "FINISHED")]
+    assert runs_on_server(url, password, experiment) == [("prepare", "FINISHED")]
 
 
 @pytest.mark.slow  # it listens on a port, for milliseconds
@@ -338,14 +352,15 @@ with runs.stage_run("train_head", sys.argv[1], {"lr": 0.1}) as stage:
 
 
 @pytest.mark.slow
-def test_a_stage_whose_server_goes_away_ends_with_its_own_error_not_mlflows_retries(project, basic_auth_server):
+def test_a_stage_whose_server_goes_away_ends_with_its_own_error_not_mlflows_retries(server_project, basic_auth_server):
     """Ending a failed run is best effort, one try: the stage stops in seconds with its own error
     (not after MLflow's 4 minutes of retries, not with MLflow's), and the run is left to be reaped."""
     url, password = basic_auth_server
+    project, experiment = server_project
     proxy, refused = first_time_unavailable(url)
     env = {**project_env(project), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.server_address[1]}",
            "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
-    stage = subprocess.Popen([str(BIN / "python"), "-c", STAGE_WHOSE_SERVER_GOES, EXPERIMENT], cwd=project, env=env,
+    stage = subprocess.Popen([str(BIN / "python"), "-c", STAGE_WHOSE_SERVER_GOES, experiment], cwd=project, env=env,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert stage.stdout.readline().strip() == "started"
@@ -360,4 +375,4 @@ def test_a_stage_whose_server_goes_away_ends_with_its_own_error_not_mlflows_retr
     assert stage.returncode != 0
     assert stderr.strip().splitlines()[-1] == "RuntimeError: the stage's own error"
     assert "warning: MLflow run of train_head not ended FAILED (MlflowException)" in stderr
-    assert runs_on_server(url, password) == [("train_head", "RUNNING")]  # for the next stage to reap
+    assert runs_on_server(url, password, experiment) == [("train_head", "RUNNING")]  # for the next stage to reap
