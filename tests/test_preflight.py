@@ -209,7 +209,7 @@ def basic_auth_server(tmp_path_factory):
 @pytest.fixture
 def server_project(tmp_path, request) -> tuple[Path, str]:
     """A tiny project whose stages log to an experiment named after the test: (project, experiment)."""
-    experiment = f"preflight-{request.node.name}"[:60]
+    experiment = f"preflight-{request.node.name}"
     return make_project(tmp_path / "project", {"mlflow": {"experiment": experiment}}), experiment
 
 
