@@ -30,7 +30,7 @@ test: setup
 	$(BIN)/python -m pytest -n $(WORKERS) --dist loadgroup
 
 # The contributors' loop: everything but `slow` (no stage subprocess, dvc or server: tests/conftest.py
-# fails an unmarked test that starts one). About a minute and a half on the 2-core development machine.
+# fails an unmarked test that starts one). Under a minute on the 2-core development machines.
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" -n auto --maxprocesses 4 --dist loadgroup
 

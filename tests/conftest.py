@@ -184,8 +184,8 @@ def pytest_collection_modifyitems(config, items):
             (group,) = groups  # a test needing two groups' fixtures would build one of them twice
             item.add_marker(pytest.mark.xdist_group(group))
     # xdist hands out the groups first (most tests first), then single tests in collection order:
-    # modules holding slow tests go before the fast-only ones, so a long test (the 5-minute retrain
-    # flow) starts early instead of last, and the fast tests fill the workers' ends. Each module
+    # modules holding slow tests go before the fast-only ones, so a long test (the retrain flow,
+    # 3.5-6 min) starts early instead of last, and the fast tests fill the workers' ends. Each module
     # stays in one piece: its module-scoped fixtures are built once.
     slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.module not in slow_modules)

@@ -20,6 +20,7 @@ from conftest import BIN, free_port, make_project, project_env, run
 
 from pipeline.errors import PipelineError
 from pipeline.tracking import preflight, runs
+from pipeline.tracking.resend import resends_itself
 
 pytestmark = pytest.mark.fault
 EXPERIMENT = "transfer-pipeline"
@@ -256,33 +257,44 @@ def test_a_real_mlflow_server_that_rejects_the_credentials_stops_a_stage_before_
 
 class FirstTimeUnavailable(http.server.BaseHTTPRequestHandler):
     """A proxy before the real server that answers 503 (what a load balancer says while the
-    server restarts) to the first request for each endpoint, and forwards every later one."""
+    server restarts) to the first request for each endpoint (each ending in one of `only`, if
+    given), and forwards every later one. The first request to an endpoint ending in one of
+    `processed_first` reaches the server before the 503 (a load balancer that gave up on an answer
+    the server went on to give)."""
 
     upstream: tuple[str, int]
     refused: list[str]
+    processed_first: tuple[str, ...]
+    only: tuple[str, ...] | None
 
     def _relay(self):
         endpoint = f"{self.command} {self.path.split('?')[0]}"
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if endpoint not in self.refused:
+        if endpoint not in self.refused and (self.only is None or endpoint.endswith(self.only)):
             self.refused.append(endpoint)
+            if endpoint.endswith(self.processed_first):
+                self._forward(body)
             self.send_response(503)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        connection = http.client.HTTPConnection(*self.upstream, timeout=60)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-        connection.request(self.command, self.path, body=body, headers=headers)
-        answer = connection.getresponse()
-        payload = answer.read()
-        self.send_response(answer.status)
-        for key, value in answer.getheaders():
+        status, headers, payload = self._forward(body)
+        self.send_response(status)
+        for key, value in headers:
             if key.lower() not in ("transfer-encoding", "connection", "content-length"):
                 self.send_header(key, value)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
+
+    def _forward(self, body: bytes) -> tuple[int, list, bytes]:
+        connection = http.client.HTTPConnection(*self.upstream, timeout=60)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+        connection.request(self.command, self.path, body=body, headers=headers)
+        answer = connection.getresponse()
+        payload = answer.read()
         connection.close()
+        return answer.status, answer.getheaders(), payload
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _relay
 
@@ -290,11 +302,13 @@ class FirstTimeUnavailable(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def first_time_unavailable(url: str) -> tuple[http.server.ThreadingHTTPServer, list[str]]:
+def first_time_unavailable(url: str, processed_first: tuple[str, ...] = (), only: tuple[str, ...] | None = None
+                           ) -> tuple[http.server.ThreadingHTTPServer, list[str]]:
     """A running FirstTimeUnavailable proxy before the server at url, and the endpoints it refused."""
     refused: list[str] = []
     handler = type("Handler", (FirstTimeUnavailable,), {"upstream": ("127.0.0.1", int(url.rsplit(":", 1)[1])),
-                                                        "refused": refused})
+                                                        "refused": refused, "processed_first": processed_first,
+                                                        "only": only})
     proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     return proxy, refused
@@ -304,10 +318,12 @@ def first_time_unavailable(url: str) -> tuple[http.server.ThreadingHTTPServer, l
 def test_once_checked_a_stage_waits_out_a_server_that_fails_each_request_once(server_project, basic_auth_server):
     """After the early check, MLflow's calls keep MLflow's own retries: a server that is briefly
     unavailable while a stage logs its finished work costs the stage nothing (it used to fail it,
-    and DVC recorded none of the work)."""
+    and DVC recorded none of the work). The creates MLflow (3.18 on) does not resend are resent
+    without making two: the experiment's create is refused unprocessed, the run's after the server
+    made it (MLflow before 3.18 resends blindly, so that case is not tried there)."""
     url, password = basic_auth_server
     project, experiment = server_project
-    proxy, refused = first_time_unavailable(url)
+    proxy, refused = first_time_unavailable(url, processed_first=() if resends_itself() else ("/runs/create",))
     try:
         run([str(BIN / "python"), "-m", "pipeline", "shapes"], project)
         run([str(BIN / "python"), "-m", "pipeline", "prepare"], project, env={
@@ -364,7 +380,7 @@ def test_a_stage_whose_server_goes_away_ends_with_its_own_error_not_mlflows_retr
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert stage.stdout.readline().strip() == "started"
-        assert any("/runs/create" in e for e in refused), refused  # through a 503: MLflow retried it
+        assert any("/runs/create" in e for e in refused), refused  # through a 503: resent
         proxy.shutdown()
         proxy.server_close()  # connections refused from now on
         started = time.monotonic()
@@ -376,3 +392,61 @@ def test_a_stage_whose_server_goes_away_ends_with_its_own_error_not_mlflows_retr
     assert stderr.strip().splitlines()[-1] == "RuntimeError: the stage's own error"
     assert "warning: MLflow run of train_head not ended FAILED (MlflowException)" in stderr
     assert runs_on_server(url, password, experiment) == [("train_head", "RUNNING")]  # for the next stage to reap
+
+
+ECHO_MODEL = """
+import mlflow.pyfunc
+from mlflow.models import set_model
+
+
+class Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+set_model(Echo())
+"""
+
+REGISTERING_STAGE = """
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.tracking import registry, runs
+
+experiment, folder, model = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+pyfunc = registry.Pyfunc(folder / "echo.py", ["pandas"], pd.DataFrame({"image": ["x"]}))
+with runs.stage_run("evaluate", experiment, {}):
+    version = registry.log_and_register(model, folder / "checkpoint", pyfunc, {"weights_sha256": "0123abcd"})
+print(version.version, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_registering_through_a_server_that_fails_each_request_once_makes_one_version(
+        tmp_path, server_project, basic_auth_server):
+    """The registry's creates are resent too, without making two: the model version's create
+    reaches the server before its 503 (MLflow before 3.18 resends blindly: not tried there). Only
+    the creates fail (every endpoint failing once, each artifact's upload included, takes a minute)."""
+    url, password = basic_auth_server
+    project, experiment = server_project
+    (tmp_path / "echo.py").write_text(ECHO_MODEL)
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "model.json").write_text("{}")
+    model = f"resend-{experiment}"
+    made_before_503 = () if resends_itself() else ("/model-versions/create",)
+    creates = ("/logged-models", "/registered-models/create", "/model-versions/create")
+    proxy, refused = first_time_unavailable(url, processed_first=made_before_503, only=creates)
+    try:
+        out = run([str(BIN / "python"), "-c", REGISTERING_STAGE, experiment, str(tmp_path), model], project, env={
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.server_address[1]}",
+            "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}).stdout
+    finally:
+        proxy.shutdown()
+    assert sorted(e.split("/mlflow")[-1] for e in refused) == sorted(creates), refused
+    assert out.strip().splitlines()[-1] == "1"
+    auth = {"Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()}
+    versions = json.loads(urllib.request.urlopen(urllib.request.Request(
+        f"{url}/api/2.0/mlflow/model-versions/search?filter=name%3D%27{model}%27", headers=auth), timeout=60).read())
+    assert [v["version"] for v in versions["model_versions"]] == ["1"]

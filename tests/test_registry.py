@@ -215,6 +215,34 @@ def test_second_evaluate_registers_no_duplicate_and_lineage_prints(registered):
         assert version.tags[key] and version.tags[key] != "unknown" and version.tags[key] in out
 
 
+def test_promotion_log_records_a_fresh_stores_version_1_once(tmp_path, monkeypatch):
+    """The log is committed and the store is not: a fresh clone registers v1 again, and its
+    decision must be logged even though an older store's v1 already has a line — once, also when
+    a kill between the append and the completion tag makes the next run finish the registration."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking.registry import finish_registration
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run_id = client.create_run(client.create_experiment("e", artifact_location=tmp_path.as_uri())).info.run_id
+    client.create_registered_model(MODEL)
+    version = client.create_model_version(MODEL, (tmp_path / "model").as_uri(), run_id=run_id)
+    log = tmp_path / "promotions.jsonl"
+    older_store = {"model": MODEL, "version": 1, "promote": True, "reason": "first version", "time": "2026-12-01"}
+    log.write_text(json.dumps(older_store) + "\n")
+    record = {"model": MODEL, "version": 1, "champion_version": None, "promote": True, "reason": "first version"}
+
+    finish_registration(MODEL, version, record, log)
+    client.delete_model_version_tag(MODEL, "1", "registration_complete")  # as if killed before the tag
+    finish_registration(MODEL, client.get_model_version(MODEL, "1"), record, log)
+
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line.get("run_id") for line in lines] == [None, run_id]
+    assert set(client.get_model_version(MODEL, "1").aliases) == {"champion", "challenger"}
+
+
 class Exploit:
     """Unpickling this writes a marker file: proof that a loader ran foreign code."""
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.tracking import gate, logs, store
+from pipeline.tracking.resend import create_once
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the whole pipeline package ships as code
 
@@ -56,7 +57,9 @@ def log_and_register(name: str, checkpoint_dir: Path, pyfunc: Pyfunc, tags: dict
     from mlflow.models import infer_signature
 
     example_output = pd.DataFrame({"label": ["a"], "probability": [0.5], "probabilities": [[0.5, 0.5]]})
-    info = mlflow.pyfunc.log_model(
+    # A logged model made twice by a resend is an unregistered leftover, so this one is simply
+    # resent; the version, which users see, is looked for by its weights first (resend.py).
+    info = create_once(lambda: mlflow.pyfunc.log_model(
         name="model",
         python_model=str(pyfunc.code),
         artifacts={"checkpoint": str(checkpoint_dir)},
@@ -64,8 +67,14 @@ def log_and_register(name: str, checkpoint_dir: Path, pyfunc: Pyfunc, tags: dict
         pip_requirements=pyfunc.pip_requirements,
         signature=infer_signature(pyfunc.input_example, example_output),
         input_example=pyfunc.input_example,
-    )
-    return mlflow.register_model(info.model_uri, name, tags=tags)
+    ), find=lambda: None)
+
+    def registered_by_a_failed_try():
+        found = store.client().search_model_versions(
+            f"name = '{name}' and tags.weights_sha256 = '{tags['weights_sha256']}'")
+        return found[0] if found else None
+
+    return create_once(lambda: mlflow.register_model(info.model_uri, name, tags=tags), registered_by_a_failed_try)
 
 
 @store.timed
@@ -166,12 +175,14 @@ def finish_registration(name: str, version, record: dict, promotion_log: Path) -
     current = champion(name)
     if record["promote"] and (int(current.version) if current else None) == record["champion_version"]:
         set_alias(name, "champion", version.version)
+    # Keyed on the version's MLflow run id, not its number: the log is committed with the code
+    # while the store is not, so a fresh clone's new store numbers its versions from 1 again.
     logged = promotion_log.exists() and any(
-        (entry.get("model"), str(entry.get("version"))) == (name, str(record["version"]))
-        for entry in map(json.loads, promotion_log.read_text().splitlines())
+        entry.get("run_id") == version.run_id for entry in map(json.loads, promotion_log.read_text().splitlines())
     )
     if not logged:
-        append_jsonl(promotion_log, {"time": datetime.now(UTC).isoformat(timespec="seconds"), **record})
+        append_jsonl(promotion_log, {"time": datetime.now(UTC).isoformat(timespec="seconds"),
+                                     "run_id": version.run_id, **record})
     store.client().set_model_version_tag(name, version.version, "registration_complete", "true")
 
 

@@ -9,11 +9,13 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 
 from pipeline import interrupts
 from pipeline.tracking.logs import log_metrics, log_params
 from pipeline.tracking.preflight import check_reachable
+from pipeline.tracking.resend import create_once
 from pipeline.tracking.store import _clock, _overhead, client, defer_run, setup, timed, without_retries
 
 
@@ -91,16 +93,10 @@ class StageRun:
         """The active MLflow run (opened on the first call)."""
         defer_run(None)
         if self.run is None:
-            import mlflow
-            from mlflow.tracking.context.registry import resolve_tags
-
             self.experiment_id = setup(self.experiment)
             reap_dead_runs(self.experiment_id)
             with _clock("calls"):
-                # resolve_tags: the user/source/git tags mlflow.start_run would have added
-                created = client().create_run(self.experiment_id, start_time=self.started_ms,
-                                              tags=resolve_tags(self.tags), run_name=self.run_name)
-                self.run = mlflow.start_run(run_id=created.info.run_id)
+                self.run = open_run(self.experiment_id, self.run_name, self.tags, start_time=self.started_ms)
             log_params(self.params)
         return self.run
 
@@ -174,9 +170,36 @@ def _end_all_runs(status: str, experiment_id: str) -> None:
 
 @timed
 def start_child_run(run_name: str, parent_run_id: str, tags: dict):
-    import mlflow
+    experiment_id = client().get_run(parent_run_id).info.experiment_id
+    return open_run(experiment_id, run_name, tags, parent_run_id=parent_run_id)
 
-    return mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, nested=True, tags=tags)
+
+def open_run(experiment_id: str, run_name: str, tags: dict, start_time: int | None = None,
+             parent_run_id: str | None = None):
+    """Create a run and make it the active one (nested under parent_run_id, if given), with the
+    tags mlflow.start_run would add. Created once even through a failing server: each run carries
+    the id of the request that made it (create_request_id), so a resend first looks for it."""
+    import mlflow
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    request_id = uuid.uuid4().hex
+    tags = {**tags, "create_request_id": request_id}
+    if parent_run_id:
+        tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    tags = resolve_tags(tags)  # the user, source and git tags
+    if start_time is None:
+        start_time = int(time.time() * 1000)
+
+    def made_by_this_request():
+        found = client().search_runs([experiment_id], filter_string=f"tags.create_request_id = '{request_id}'")
+        return found[0] if found else None
+
+    created = create_once(
+        lambda: client().create_run(experiment_id, start_time=start_time, tags=tags, run_name=run_name),
+        made_by_this_request,
+    )
+    return mlflow.start_run(run_id=created.info.run_id, nested=parent_run_id is not None)
 
 
 @timed

@@ -12,6 +12,7 @@ from pipeline.errors import PipelineError, reason, redacted
 from pipeline.paths import mlruns_dir
 from pipeline.progress import quiet
 from pipeline.tracking import preflight
+from pipeline.tracking.resend import create_once
 
 # MLflow's own HTTP retries (7, backing off: ~4 minutes) and 120 s timeout are kept on purpose:
 # a stage that logs after minutes of work waits out a slow or restarting server instead of losing
@@ -188,7 +189,10 @@ def _setup(experiment: str) -> str:
             found = mlflow.get_experiment_by_name(experiment)
             if found is None:
                 location = None if uri.startswith("http") else artifact_root()
-                exp_id = mlflow.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_KIND)
+                exp_id = create_once(
+                    lambda: mlflow.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_KIND),
+                    lambda: getattr(mlflow.get_experiment_by_name(experiment), "experiment_id", None),
+                )
             else:
                 exp_id = found.experiment_id
                 for key, value in EXPERIMENT_KIND.items():

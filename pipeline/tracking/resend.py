@@ -1,0 +1,69 @@
+"""Creating MLflow objects through a tracking server that fails mid-request, without making two.
+
+Since 3.18, MLflow does not resend a create (experiment, run, model version) that a server
+answered with a 5xx or whose answer was lost: the server may have made it before failing, and a
+blind resend would make two. MLflow still retries reads, idempotent writes and connection errors.
+A stage that worked for minutes and logs at its end must not be lost to a restarting server (a
+load balancer answers 503 meanwhile), so the pipeline resends its creates itself, each time after
+first looking for what the failed request may have made. Only against a tracking server: a
+local store's error is not transient.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+BACKOFF_MAX_SECONDS = 120  # urllib3's cap, which MLflow's own retries also use
+
+
+def may_have_been_made(exc: BaseException) -> bool:
+    """A failure after which the server may or may not have made the object: a 5xx answer, or an
+    error raised once the request may have reached it (MLflow reports those as 500)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and exc.get_http_status_code() in (500, 503, 504)
+
+
+def resends_itself() -> bool:
+    """MLflow before 3.18 resends every create on a 5xx itself (blindly); adding ours would double
+    the wait for a server that is down."""
+    import mlflow
+
+    return tuple(int(part) for part in mlflow.__version__.split(".")[:2]) < (3, 18)
+
+
+def to_server() -> bool:
+    return os.environ.get("MLFLOW_TRACKING_URI", "").lower().startswith(("http://", "https://"))
+
+
+def create_once(create: Callable[[], T], find: Callable[[], T | None]) -> T:
+    """create(), resent after a failure that may have made the object, until it succeeds or
+    find() returns what an earlier try made. As many tries as MLflow's own retries, with a
+    back-off like theirs (MLFLOW_HTTP_REQUEST_MAX_RETRIES, _BACKOFF_FACTOR, _BACKOFF_JITTER):
+    none where the caller turned them off (store.without_retries)."""
+    from mlflow.environment_variables import (
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+        MLFLOW_HTTP_REQUEST_BACKOFF_JITTER,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    )
+
+    retries = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() if to_server() and not resends_itself() else 0
+    attempt = 0
+    while True:
+        try:
+            return create()
+        except Exception as exc:
+            if attempt >= retries or not may_have_been_made(exc):
+                raise
+        backoff = min(BACKOFF_MAX_SECONDS, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get() * 2**attempt)
+        time.sleep(backoff + random.uniform(0, MLFLOW_HTTP_REQUEST_BACKOFF_JITTER.get()))
+        attempt += 1
+        made = find()  # a read: MLflow's own retries cover it
+        if made is not None:
+            return made
