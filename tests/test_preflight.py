@@ -75,6 +75,10 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.do_GET()
+
     def log_message(self, *args):
         pass
 
@@ -416,6 +420,7 @@ import pandas as pd
 from pipeline.tracking import registry, runs
 
 experiment, folder, model = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+registry.PACKAGE_DIR = folder / "code"  # not the whole package: each file is a request (the creates are under test)
 pyfunc = registry.Pyfunc(folder / "echo.py", ["pandas"], pd.DataFrame({"image": ["x"]}))
 with runs.stage_run("evaluate", experiment, {}):
     version = registry.log_and_register(model, folder / "checkpoint", pyfunc, {"weights_sha256": "0123abcd"})
@@ -432,6 +437,9 @@ def test_registering_through_a_server_that_fails_each_request_once_makes_one_ver
     url, password = basic_auth_server
     project, experiment = server_project
     (tmp_path / "echo.py").write_text(ECHO_MODEL)
+    (tmp_path / "code").mkdir()
+    # not empty: an empty file is uploaded chunked, which the proxy does not relay
+    (tmp_path / "code" / "placeholder.py").write_text("# uploaded as the model's code\n")
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "model.json").write_text("{}")
     model = f"resend-{experiment}"
@@ -450,3 +458,41 @@ def test_registering_through_a_server_that_fails_each_request_once_makes_one_ver
     versions = json.loads(urllib.request.urlopen(urllib.request.Request(
         f"{url}/api/2.0/mlflow/model-versions/search?filter=name%3D%27{model}%27", headers=auth), timeout=60).read())
     assert [v["version"] for v in versions["model_versions"]] == ["1"]
+
+
+@pytest.mark.slow  # it listens on a port, for milliseconds
+@pytest.mark.skipif(resends_itself(), reason="MLflow before 3.18 resends every create itself")
+def test_only_a_create_the_server_answered_with_a_5xx_is_resent(monkeypatch, scripted_server):
+    """A 503 or 500 is an answer: the create is resent after looking for what it made. A 504 (the
+    request may still be running) and a server that is down are not: the create fails when
+    MLflow's own retries are spent, not after as many of ours again."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking.resend import create_once
+
+    for name, value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+                        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0"}.items():
+        monkeypatch.setenv(name, value)
+    server = scripted_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    looked: list[str] = []
+
+    def attempt(answer, found=None, url=server.url):
+        server.answer, server.seen[:] = answer, []
+        return create_once(lambda: MlflowClient(url).create_experiment("e"),
+                           lambda: looked.append("looked") or found)
+
+    assert attempt((503, "text/plain", ""), found="made by the first try") == "made by the first try"
+    assert len(server.seen) == 1 and looked == ["looked"]
+    looked.clear()
+    with pytest.raises(MlflowException, match="boom"):
+        attempt((500, "application/json", {"error_code": "INTERNAL_ERROR", "message": "boom"}))
+    assert len(server.seen) == 3 and looked == ["looked"] * 2  # the first try and MLflow's 2 retries' worth
+    looked.clear()
+    with pytest.raises(MlflowException, match="504"):
+        attempt((504, "text/plain", ""))
+    assert len(server.seen) == 1 and looked == []
+    with pytest.raises(MlflowException, match="(?i)connection"):
+        attempt(None, url=f"http://127.0.0.1:{free_port()}")
+    assert looked == []

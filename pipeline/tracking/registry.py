@@ -69,7 +69,7 @@ def log_and_register(name: str, checkpoint_dir: Path, pyfunc: Pyfunc, tags: dict
         input_example=pyfunc.input_example,
     ), find=lambda: None)
 
-    def registered_by_a_failed_try():
+    def registered_by_a_failed_try():  # (its logged model then lacks MLflow's reverse link tag to it)
         found = store.client().search_model_versions(
             f"name = '{name}' and tags.weights_sha256 = '{tags['weights_sha256']}'")
         return found[0] if found else None
@@ -177,7 +177,7 @@ def finish_registration(name: str, version, record: dict, promotion_log: Path) -
         set_alias(name, "champion", version.version)
     # Keyed on the version's MLflow run id, not its number: the log is committed with the code
     # while the store is not, so a fresh clone's new store numbers its versions from 1 again.
-    logged = promotion_log.exists() and any(
+    logged = version.run_id is not None and promotion_log.exists() and any(
         entry.get("run_id") == version.run_id for entry in map(json.loads, promotion_log.read_text().splitlines())
     )
     if not logged:

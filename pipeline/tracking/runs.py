@@ -4,6 +4,7 @@ runs of processes that died, and which run each stage last recorded (for lineage
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import subprocess
@@ -170,8 +171,13 @@ def _end_all_runs(status: str, experiment_id: str) -> None:
 
 @timed
 def start_child_run(run_name: str, parent_run_id: str, tags: dict):
-    experiment_id = client().get_run(parent_run_id).info.experiment_id
-    return open_run(experiment_id, run_name, tags, parent_run_id=parent_run_id)
+    return open_run(experiment_of(parent_run_id), run_name, tags, parent_run_id=parent_run_id)
+
+
+@functools.cache
+def experiment_of(run_id: str) -> str:
+    """A run's experiment id (it never changes: asked once per parent, not once per trial)."""
+    return client().get_run(run_id).info.experiment_id
 
 
 def open_run(experiment_id: str, run_name: str, tags: dict, start_time: int | None = None,

@@ -180,6 +180,20 @@ def setup(experiment: str) -> str:
         return _setup(experiment)
 
 
+def create_experiment(name: str, location: str | None) -> str:
+    """Its id; one that another machine (or a try whose answer failed) made meanwhile is taken."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+    except MlflowException as exc:
+        made = mlflow.get_experiment_by_name(name) if exc.error_code == "RESOURCE_ALREADY_EXISTS" else None
+        if made is None:
+            raise
+        return made.experiment_id
+
+
 def _setup(experiment: str) -> str:
     import mlflow
 
@@ -189,10 +203,8 @@ def _setup(experiment: str) -> str:
             found = mlflow.get_experiment_by_name(experiment)
             if found is None:
                 location = None if uri.startswith("http") else artifact_root()
-                exp_id = create_once(
-                    lambda: mlflow.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_KIND),
-                    lambda: getattr(mlflow.get_experiment_by_name(experiment), "experiment_id", None),
-                )
+                exp_id = create_once(lambda: create_experiment(experiment, location),
+                                     lambda: getattr(mlflow.get_experiment_by_name(experiment), "experiment_id", None))
             else:
                 exp_id = found.experiment_id
                 for key, value in EXPERIMENT_KIND.items():
