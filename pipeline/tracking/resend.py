@@ -51,8 +51,8 @@ def to_server() -> bool:
 
 
 def create_once(create: Callable[[], T], find: Callable[[], T | None]) -> T:
-    """create(), resent after a failure that may have made the object, until it succeeds or
-    find() returns what an earlier try made. As many tries as MLflow's own retries, with a
+    """create(), resent after each failed answer (failed_answer), until it succeeds or find()
+    returns what an earlier try made. As many tries as MLflow's own retries, with a
     back-off like theirs (MLFLOW_HTTP_REQUEST_MAX_RETRIES, _BACKOFF_FACTOR, _BACKOFF_JITTER):
     none where the caller turned them off (store.without_retries)."""
     from mlflow.environment_variables import (
