@@ -323,11 +323,12 @@ def test_once_checked_a_stage_waits_out_a_server_that_fails_each_request_once(se
     """After the early check, MLflow's calls keep MLflow's own retries: a server that is briefly
     unavailable while a stage logs its finished work costs the stage nothing (it used to fail it,
     and DVC recorded none of the work). The creates MLflow (3.18 on) does not resend are resent
-    without making two: the experiment's create is refused unprocessed, the run's after the server
-    made it (MLflow before 3.18 resends blindly, so that case is not tried there)."""
+    without making two: the experiment's and the run's are refused after the server made them
+    (MLflow before 3.18 resends blindly, so that case is not tried there)."""
     url, password = basic_auth_server
     project, experiment = server_project
-    proxy, refused = first_time_unavailable(url, processed_first=() if resends_itself() else ("/runs/create",))
+    made_before_503 = () if resends_itself() else ("/experiments/create", "/runs/create")
+    proxy, refused = first_time_unavailable(url, processed_first=made_before_503)
     try:
         run([str(BIN / "python"), "-m", "pipeline", "shapes"], project)
         run([str(BIN / "python"), "-m", "pipeline", "prepare"], project, env={

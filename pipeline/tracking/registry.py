@@ -41,11 +41,13 @@ def existing_version(name: str, weights_sha256: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        found = store.client().search_model_versions(
-            f"name = '{name}' and tags.weights_sha256 = '{weights_sha256}'"
-        )
+        return version_with_weights(name, weights_sha256)
     except MlflowException:
         return None
+
+
+def version_with_weights(name: str, weights_sha256: str):
+    found = store.client().search_model_versions(f"name = '{name}' and tags.weights_sha256 = '{weights_sha256}'")
     return found[0] if found else None
 
 
@@ -67,14 +69,10 @@ def log_and_register(name: str, checkpoint_dir: Path, pyfunc: Pyfunc, tags: dict
         pip_requirements=pyfunc.pip_requirements,
         signature=infer_signature(pyfunc.input_example, example_output),
         input_example=pyfunc.input_example,
-    ), find=lambda: None)
-
-    def registered_by_a_failed_try():  # (its logged model then lacks MLflow's reverse link tag to it)
-        found = store.client().search_model_versions(
-            f"name = '{name}' and tags.weights_sha256 = '{tags['weights_sha256']}'")
-        return found[0] if found else None
-
-    return create_once(lambda: mlflow.register_model(info.model_uri, name, tags=tags), registered_by_a_failed_try)
+    ))
+    # a version found made by a failed try lacks only MLflow's link to it on its logged model
+    return create_once(lambda: mlflow.register_model(info.model_uri, name, tags=tags),
+                       lambda: version_with_weights(name, tags["weights_sha256"]))
 
 
 @store.timed

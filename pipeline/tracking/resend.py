@@ -50,9 +50,10 @@ def to_server() -> bool:
     return os.environ.get("MLFLOW_TRACKING_URI", "").lower().startswith(("http://", "https://"))
 
 
-def create_once(create: Callable[[], T], find: Callable[[], T | None]) -> T:
+def create_once(create: Callable[[], T], find: Callable[[], T | None] | None = None) -> T:
     """create(), resent after each failed answer (failed_answer), until it succeeds or find()
-    returns what an earlier try made. As many tries as MLflow's own retries, with a
+    returns what an earlier try made (no find: a create that takes what it already made, or
+    whose spare copy does no harm). As many tries as MLflow's own retries, with a
     back-off like theirs (MLFLOW_HTTP_REQUEST_MAX_RETRIES, _BACKOFF_FACTOR, _BACKOFF_JITTER):
     none where the caller turned them off (store.without_retries)."""
     from mlflow.environment_variables import (
@@ -73,6 +74,6 @@ def create_once(create: Callable[[], T], find: Callable[[], T | None]) -> T:
         time.sleep(backoff + random.uniform(0, MLFLOW_HTTP_REQUEST_BACKOFF_JITTER.get()))
         interrupts.check()  # SIGTERM or ^C during the wait: stop now, not after the back-off
         attempt += 1
-        made = find()  # a read: MLflow's own retries cover it
+        made = find() if find else None  # a read: MLflow's own retries cover it
         if made is not None:
             return made

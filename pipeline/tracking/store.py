@@ -181,7 +181,8 @@ def setup(experiment: str) -> str:
 
 
 def create_experiment(name: str, location: str | None) -> str:
-    """Its id; one that another machine (or a try whose answer failed) made meanwhile is taken."""
+    """Its id; one that another machine (or a try whose answer failed) made meanwhile is taken, so
+    resending this is safe."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -203,8 +204,7 @@ def _setup(experiment: str) -> str:
             found = mlflow.get_experiment_by_name(experiment)
             if found is None:
                 location = None if uri.startswith("http") else artifact_root()
-                exp_id = create_once(lambda: create_experiment(experiment, location),
-                                     lambda: getattr(mlflow.get_experiment_by_name(experiment), "experiment_id", None))
+                exp_id = create_once(lambda: create_experiment(experiment, location))
             else:
                 exp_id = found.experiment_id
                 for key, value in EXPERIMENT_KIND.items():
