@@ -183,12 +183,15 @@ def pytest_collection_modifyitems(config, items):
         if groups:
             (group,) = groups  # a test needing two groups' fixtures would build one of them twice
             item.add_marker(pytest.mark.xdist_group(group))
-    # xdist hands out the groups first (most tests first), then single tests in collection order:
-    # modules holding slow tests go before the fast-only ones, so a long test (the retrain flow,
-    # 3.5-6 min) starts early instead of last, and the fast tests fill the workers' ends. Each module
-    # stays in one piece: its module-scoped fixtures are built once.
+    # xdist hands out the groups first (most tests first), then single tests in collection order,
+    # each to the first worker down to its last two tests. Longest first: tests marked `long`
+    # (minutes alone), then modules holding slow tests, then the fast-only ones to fill the
+    # workers' ends. Otherwise a long test reached late lands behind a worker's long group and ends
+    # the run alone on one core (the retrain flow behind the trained_head group: 760 s against
+    # 580 s on the other two workers, 2026-12-07). Other modules stay in one piece, so their
+    # module-scoped fixtures are built once; a `long` test must not use one.
     slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module not in slow_modules)
+    items.sort(key=lambda item: (not item.get_closest_marker("long"), item.module not in slow_modules))
 
 
 # --- the cost rule: `-m "not slow"` (`make test-fast`) starts no stage, dvc or server ----------

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from conftest import BIN, make_project, project_env, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 
 def test_bench_runs_with_the_precisions_a_gpu_would_choose(tmp_path):

@@ -95,6 +95,7 @@ def check_report(project: Path) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_retrain_pulls_reproduces_what_changed_pushes_and_registers(tmp_path):
     team = tmp_path / "team"  # stands in for the team's MLflow server and study database
     team.mkdir()
