@@ -189,7 +189,7 @@ def pytest_collection_modifyitems(config, items):
     # workers' ends. Otherwise a long test reached late lands behind a worker's long group and ends
     # the run alone on one core (the retrain flow behind the trained_head group: 760 s against
     # 580 s on the other two workers, 2026-12-07). Other modules stay in one piece, so their
-    # module-scoped fixtures are built once; a `long` test must not use one.
+    # module-scoped fixtures are built once (one a `long` test used would be built twice).
     slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: (not item.get_closest_marker("long"), item.module not in slow_modules))
 
