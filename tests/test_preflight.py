@@ -425,7 +425,7 @@ registry.PACKAGE_DIR = folder / "code"  # not the whole package: each file is a 
 pyfunc = registry.Pyfunc(folder / "echo.py", ["pandas"], pd.DataFrame({"image": ["x"]}))
 with runs.stage_run("evaluate", experiment, {}):
     version = registry.log_and_register(model, folder / "checkpoint", pyfunc, {"weights_sha256": "0123abcd"})
-print(version.version, flush=True)
+print(version.version, version.source, flush=True)  # source: models:/<logged model id>
 """
 
 
@@ -454,11 +454,22 @@ def test_registering_through_a_server_that_fails_each_request_once_makes_one_ver
     finally:
         proxy.shutdown()
     assert sorted(e.split("/mlflow")[-1] for e in refused) == sorted(creates), refused
-    assert out.strip().splitlines()[-1] == "1"
-    auth = {"Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()}
-    versions = json.loads(urllib.request.urlopen(urllib.request.Request(
-        f"{url}/api/2.0/mlflow/model-versions/search?filter=name%3D%27{model}%27", headers=auth), timeout=60).read())
+    version, source = out.strip().splitlines()[-1].split()
+    assert version == "1"
+
+    def get(endpoint):
+        auth = {"Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()}
+        return json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"{url}/api/2.0/mlflow/{endpoint}", headers=auth), timeout=60).read())
+
+    versions = get(f"model-versions/search?filter=name%3D%27{model}%27")
     assert [v["version"] for v in versions["model_versions"]] == ["1"]
+    # the version the failed try made is linked from its logged model, as one register_model made
+    # (the server sets the tag when it creates the version; the client may add its own entry)
+    logged_model = get(f"logged-models/{source.removeprefix('models:/')}")["model"]
+    tags = {t["key"]: t["value"] for t in logged_model["info"].get("tags", [])}
+    linked = {(entry["name"], str(entry["version"])) for entry in json.loads(tags.get("mlflow.modelVersions", "[]"))}
+    assert linked == {(model, "1")}, tags
 
 
 @pytest.mark.slow  # it listens on a port, for milliseconds

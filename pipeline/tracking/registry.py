@@ -70,7 +70,8 @@ def log_and_register(name: str, checkpoint_dir: Path, pyfunc: Pyfunc, tags: dict
         signature=infer_signature(pyfunc.input_example, example_output),
         input_example=pyfunc.input_example,
     ))
-    # a version found made by a failed try lacks only MLflow's link to it on its logged model
+    # a version found made by a failed try is whole: the tracking server itself names a new version
+    # in its logged model's mlflow.modelVersions tag, the link register_model would add
     return create_once(lambda: mlflow.register_model(info.model_uri, name, tags=tags),
                        lambda: version_with_weights(name, tags["weights_sha256"]))
 
