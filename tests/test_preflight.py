@@ -218,16 +218,22 @@ def server_project(tmp_path, request) -> tuple[Path, str]:
     return make_project(tmp_path / "project", {"mlflow": {"experiment": experiment}}), experiment
 
 
+def as_admin(url: str, password: str, endpoint: str, body: dict | None = None) -> dict:
+    """The server's REST answer to api/2.0/mlflow/<endpoint> (GET, or POST with a JSON body), asked
+    directly as admin: what landed there, not what the client under test says."""
+    headers = {"Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()}
+    data = None if body is None else json.dumps(body).encode()
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(f"{url}/api/2.0/mlflow/{endpoint}", data=data, headers=headers)
+    return json.loads(urllib.request.urlopen(request, timeout=60).read())
+
+
 def runs_on_server(url: str, password: str, experiment: str) -> list[tuple[str, str]]:
     """(run name, status) of the experiment's runs, asked of the server directly as admin."""
-    auth = {"Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()}
-    found = json.loads(urllib.request.urlopen(urllib.request.Request(
-        f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={experiment}", headers=auth), timeout=60).read())
-    search = urllib.request.Request(
-        f"{url}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json", **auth},
-        data=json.dumps({"experiment_ids": [found["experiment"]["experiment_id"]]}).encode())
-    return [(r["info"]["run_name"], r["info"]["status"])
-            for r in json.loads(urllib.request.urlopen(search, timeout=60).read())["runs"]]
+    found = as_admin(url, password, f"experiments/get-by-name?experiment_name={experiment}")
+    search = as_admin(url, password, "runs/search", {"experiment_ids": [found["experiment"]["experiment_id"]]})
+    return [(r["info"]["run_name"], r["info"]["status"]) for r in search["runs"]]
 
 
 @pytest.mark.slow
@@ -456,17 +462,11 @@ def test_registering_through_a_server_that_fails_each_request_once_makes_one_ver
     assert sorted(e.split("/mlflow")[-1] for e in refused) == sorted(creates), refused
     version, source = out.strip().splitlines()[-1].split()
     assert version == "1"
-
-    def get(endpoint):
-        auth = {"Authorization": "Basic " + base64.b64encode(f"admin:{password}".encode()).decode()}
-        return json.loads(urllib.request.urlopen(urllib.request.Request(
-            f"{url}/api/2.0/mlflow/{endpoint}", headers=auth), timeout=60).read())
-
-    versions = get(f"model-versions/search?filter=name%3D%27{model}%27")
+    versions = as_admin(url, password, f"model-versions/search?filter=name%3D%27{model}%27")
     assert [v["version"] for v in versions["model_versions"]] == ["1"]
     # the version the failed try made is linked from its logged model, as one register_model made
     # (the server sets the tag when it creates the version; the client may add its own entry)
-    logged_model = get(f"logged-models/{source.removeprefix('models:/')}")["model"]
+    logged_model = as_admin(url, password, f"logged-models/{source.removeprefix('models:/')}")["model"]
     tags = {t["key"]: t["value"] for t in logged_model["info"].get("tags", [])}
     linked = {(entry["name"], str(entry["version"])) for entry in json.loads(tags.get("mlflow.modelVersions", "[]"))}
     assert linked == {(model, "1")}, tags

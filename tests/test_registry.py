@@ -21,6 +21,8 @@ import torch
 from conftest import BIN, clean_copy, free_port, project_env, run
 from PIL import Image
 
+from pipeline import paths
+from pipeline.serving.export import SHIPPED_DIRS
 from pipeline.tracking.gate import decide, mcnemar_exact_p
 
 DVC = str(BIN / "dvc")
@@ -97,8 +99,7 @@ def tracking_uri(project: Path) -> str:
 def shipped_checkpoint(project: Path) -> Path:
     """The folder of the model finetune chose to ship, the one registered: the fine-tuned one only
     where it beat head-only on validation (on some machines' numerics the tiny run ships head-only)."""
-    shipped = json.loads((project / "metrics/selection.json").read_text())["shipped"]
-    return project / "models" / ("head" if shipped == "head_only" else "finetuned")
+    return project / SHIPPED_DIRS[json.loads((project / paths.SELECTION).read_text())["shipped"]]
 
 
 def a_test_image(registered) -> tuple[Path, str]:
