@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import sysconfig
@@ -77,6 +78,21 @@ def run(cmd: list[str], cwd: Path, timeout: int = 600, check: bool = True, env: 
             f"{result.stderr[-5000:]}"
         )
     return result
+
+
+def optuna_trial_ids(project: Path, state: str | None = None) -> set[int]:
+    """The project's study trials (all, or those in `state`, e.g. "RUNNING"), read without Optuna
+    so that a test can poll while a stage writes: empty while the database or its tables do not
+    exist yet, or while it is locked for a moment."""
+    db = project / "mlruns" / "optuna.db"
+    if not db.exists():
+        return set()
+    try:
+        with sqlite3.connect(db, timeout=1) as connection:
+            rows = connection.execute("select trial_id, state from trials").fetchall()
+    except sqlite3.OperationalError:
+        return set()
+    return {trial_id for trial_id, s in rows if state is None or s == state}
 
 
 def make_project(path: Path, overrides: dict | None = None) -> Path:

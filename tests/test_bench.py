@@ -10,6 +10,7 @@ and batch on the runtime's device, folding on the CPU before the move) still nee
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -34,6 +35,7 @@ def test_bench_runs_with_the_precisions_a_gpu_would_choose(tmp_path):
     out = result.stdout + result.stderr
     assert "ours" in out and "(bf16, channels_last" in out, out[-2000:]
     # bf16 training through an unfrozen block (k=1), then the ratio table
+    assert re.search(r"trial k=1: naive .*, ours .*, trained in bf16\)", out), out[-2000:]
     assert "trial k=1, seconds" in out and "study of 1 trials, seconds" in out
     assert "| augmentation, images/s |" in out and "peak extra host memory" in out
     assert "| decoding the folder (prepare), images/s |" in out

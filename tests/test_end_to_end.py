@@ -90,7 +90,10 @@ def test_pipeline_end_to_end(reference_run, weight_decay_experiment):
     for image in ("label_issues.png", "reliability.png", "saliency.png"):
         assert (project / "reports" / image).stat().st_size > 1000 and f"]({image})" in text
     calibration = json.loads((project / "metrics/calibration.json").read_text())
-    assert calibration["temperature"] > 0 and calibration["ece_after"] >= 0
+    # it describes the shipped model (the one registered with this temperature), on the same test images
+    assert calibration["model"] == evaluation["shipped"]["model"]
+    assert calibration["accuracy"] == pytest.approx(evaluation["shipped"]["accuracy"])
+    assert calibration["temperature"] > 0 and 0 <= calibration["ece_after"] <= 1
 
     # nothing changed: nothing re-runs
     second = run([DVC, "repro"], project)

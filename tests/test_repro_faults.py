@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from conftest import BIN, fingerprint, make_project, project_env, run
+from conftest import BIN, fingerprint, make_project, optuna_trial_ids, project_env, run
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]  # whole `dvc repro` runs
 
@@ -31,22 +31,10 @@ def difference(got: dict, want: dict) -> list[str]:
     return sorted(k for k in want.keys() | got.keys() if got.get(k) != want.get(k))
 
 
-def trial_ids(project, state: str | None = None) -> set[int]:
-    db = project / "mlruns" / "optuna.db"
-    if not db.exists():
-        return set()
-    try:
-        with sqlite3.connect(db, timeout=1) as connection:
-            rows = connection.execute("select trial_id, state from trials").fetchall()
-    except sqlite3.OperationalError:  # tables not created yet, or locked for a moment
-        return set()
-    return {trial_id for trial_id, s in rows if state is None or s == state}
-
-
 def repro_killed_during(project, stage: str, latest: float, rng: random.Random) -> tuple[bool, str]:
     """Start `dvc repro`, SIGKILL its whole process group at a random moment of `stage`.
     Returns (whether the kill landed while it ran, its output)."""
-    earlier_trials = trial_ids(project)
+    earlier_trials = optuna_trial_ids(project)
     process = subprocess.Popen([DVC, "repro"], cwd=project, env=project_env(project), text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     lines: queue.Queue = queue.Queue()
@@ -59,7 +47,7 @@ def repro_killed_during(project, stage: str, latest: float, rng: random.Random) 
             continue
         output.append(line)
         if stage == "trial" and line.startswith("Running stage 'finetune'"):
-            while process.poll() is None and not trial_ids(project, "RUNNING") - earlier_trials:
+            while process.poll() is None and not optuna_trial_ids(project, "RUNNING") - earlier_trials:
                 time.sleep(0.01)
             time.sleep(rng.uniform(0.0, latest))
             break

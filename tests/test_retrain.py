@@ -5,6 +5,7 @@ apply the gate, write the report."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -83,6 +84,23 @@ def registry(env: dict):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def correct_on_test_split(project: Path, client, version: str, target: Path):
+    """Per-image correctness of a registered version on the project's current test split, scored
+    here, apart from evaluate: the gate's evidence, recomputed."""
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.serving.classifier import ImageClassifier
+    from pipeline.tracking.registry import download_checkpoint
+
+    manifest = pd.read_csv(project / "data/prepared/manifest.csv")
+    test = manifest[manifest.split == "test"]
+    pixels = np.load(project / "data/prepared/images.npy", mmap_mode="r")[test["index"].to_numpy()]
+    local = download_checkpoint(client.get_model_version("tiny-classifier", version), target)
+    predicted = ImageClassifier(local).probabilities(np.asarray(pixels)).argmax(axis=1)
+    return predicted == test.label_index.to_numpy()
+
+
 def check_report(project: Path) -> str:
     report = (project / "reports" / "report.md").read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
@@ -96,7 +114,7 @@ def check_report(project: Path) -> str:
 
 @pytest.mark.slow
 @pytest.mark.long
-def test_retrain_pulls_reproduces_what_changed_pushes_and_registers(tmp_path):
+def test_retrain_pulls_reproduces_what_changed_pushes_and_registers(tmp_path, monkeypatch):
     team = tmp_path / "team"  # stands in for the team's MLflow server and study database
     team.mkdir()
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{team / 'mlflow.db'}",
@@ -140,7 +158,22 @@ def test_retrain_pulls_reproduces_what_changed_pushes_and_registers(tmp_path):
     decision = json.loads((ci / "metrics/decision.json").read_text())
     assert decision["version"] == 2 and decision["champion_version"] == 1
     v2 = client.get_model_version("tiny-classifier", "2")
-    assert v2.tags["gate.promote"] in ("True", "False") and v2.tags["gate.champion_version"] == "1"
+    assert v2.tags["gate.promote"] == str(decision["promote"]) and v2.tags["gate.champion_version"] == "1"
+    # the gate's evidence, recomputed apart from evaluate: both versions scored here on this test split
+    from pipeline.tracking import store
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    store.setup_uri()  # download_checkpoint resolves models:/ through mlflow's global registry URI
+    right = {v: correct_on_test_split(ci, client, v, tmp_path / f"v{v}") for v in ("1", "2")}
+    b, c = int((right["2"] & ~right["1"]).sum()), int((~right["2"] & right["1"]).sum())
+    assert (decision["n"], decision["only_challenger_right"], decision["only_champion_right"]) == (
+        len(right["2"]), b, c)
+    assert decision["challenger_accuracy"] == pytest.approx(right["2"].mean())
+    assert decision["champion_accuracy"] == pytest.approx(right["1"].mean())
+    p = sum(math.comb(b + c, i) for i in range(b, b + c + 1)) / 2 ** (b + c)  # one-sided exact McNemar
+    assert decision["p_value"] == pytest.approx(p)
+    gain = right["2"].mean() - right["1"].mean()
+    assert decision["promote"] == (p < decision["significance"] and gain >= decision["min_gain"])
     champion = str(client.get_model_version_by_alias("tiny-classifier", "champion").version)
     assert champion == ("2" if decision["promote"] else "1")
     assert "champion v1 (before this run)" in check_report(ci)

@@ -19,7 +19,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import BIN, make_project, project_env, run
+from conftest import BIN, make_project, optuna_trial_ids, project_env, run
 
 from pipeline.search import trials
 
@@ -64,22 +64,33 @@ def mlflow_statuses(project: Path) -> Counter:
 @pytest.mark.fault
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_resume(trained_head, tmp_path):
-    """SIGKILL finetune 5 times at random moments; the next run ends with exactly N finished
-    (complete or pruned) trials, none RUNNING in Optuna, none RUNNING in MLflow."""
+    """SIGKILL finetune 5 times — at random moments of the process, and inside trials it had just
+    started — and the next run ends with exactly N finished (complete or pruned) trials, none
+    RUNNING in Optuna, none RUNNING in MLflow."""
     n = 4
     project = copy_project(trained_head, tmp_path / "p", {"n_trials": n, "epochs": 3})
     rng = random.Random(1234)
     command = [sys.executable, "-m", "pipeline", "finetune"]
-    for _ in range(5):
+    landed = []
+    for kill in range(5):
+        started = optuna_trial_ids(project)
         process = subprocess.Popen(command, cwd=project, env=project_env(project),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(4.0, 14.0))
+        if kill % 2 == 0:  # inside a trial this process started (tiny trials: a fraction of a second)
+            while process.poll() is None and not optuna_trial_ids(project, "RUNNING") - started:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.1))
+        else:  # anywhere: imports, loading, a trial, MLflow logging
+            time.sleep(rng.uniform(4.0, 14.0))
+        landed.append(process.poll() is None)
         process.send_signal(signal.SIGKILL)
         process.wait()
+    assert sum(landed) >= 3, f"only {sum(landed)} of 5 kills landed while finetune ran"
     run(command, project)
     states = study_states(project)
     assert states["COMPLETE"] + states["PRUNED"] == n
     assert states["RUNNING"] == 0
+    assert states["FAIL"] >= 1, "no kill landed inside a trial: the retry of a killed trial went untested"
     assert mlflow_statuses(project)["RUNNING"] == 0
 
 
@@ -250,34 +261,28 @@ def test_live_fallback_feeds_the_same_inputs_and_trains(trained_head, tmp_path, 
 @pytest.mark.slow
 def test_sigterm_ends_runs_killed_not_running(trained_head, tmp_path):
     """SIGTERM (what CI runners and `kill` send) mid-study: the stage run and the trial's run end
-    KILLED, the Optuna trial FAIL; nothing is left RUNNING."""
-    project = copy_project(trained_head, tmp_path / "p", {"n_trials": 50, "epochs": 3})
+    KILLED, the Optuna trial FAIL with a retry queued; nothing is left RUNNING."""
+    # trials of 200 epochs (seconds each, not a fraction of one): the signal lands inside the
+    # first trial's training, never between two trials, where no trial is there to fail
+    project = copy_project(trained_head, tmp_path / "p", {"n_trials": 2, "epochs": 200})
     process = subprocess.Popen([sys.executable, "-m", "pipeline", "finetune"], cwd=project,
                                env=project_env(project), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not _trial_running(project):
+    while time.time() < deadline and not optuna_trial_ids(project, "RUNNING"):
         time.sleep(0.5)
+    assert optuna_trial_ids(project, "RUNNING"), "no trial started within 120 s"
     time.sleep(1.0)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) != 0
     statuses = mlflow_statuses(project)
-    assert statuses["RUNNING"] == 0 and statuses["KILLED"] >= 1, statuses
+    assert statuses["RUNNING"] == 0, statuses
+    (stage,) = _stage_runs(project, "finetune")
+    (trial,) = _stage_runs(project, "finetune-trial")
+    assert (stage.info.status, trial.info.status) == ("KILLED", "KILLED")
+    assert "optuna_state" not in trial.data.tags  # stopped, not pruned (a pruned trial's run is KILLED too)
     states = study_states(project)
-    assert states["RUNNING"] == 0 and states["COMPLETE"] < 50
-
-
-def _trial_running(project: Path) -> bool:
-    import sqlite3
-
-    db = project / "mlruns" / "optuna.db"
-    if not db.exists():
-        return False
-    try:
-        with sqlite3.connect(db, timeout=1) as connection:
-            return bool(connection.execute("select count(*) from trials where state = 'RUNNING'").fetchone()[0])
-    except sqlite3.Error:
-        return False
+    assert (states["RUNNING"], states["FAIL"], states["WAITING"], states["COMPLETE"]) == (0, 1, 1, 0), states
 
 
 @pytest.mark.slow

@@ -243,7 +243,8 @@ def naive_trial(setup: Setup, backbone, head: Head, config: study.TrialConfig, e
 
 
 def cached_trial(setup: Setup, backbone, head: Head, cache_dir: Path, config: study.TrialConfig, epochs: int,
-                 seed: int, report=None) -> float:
+                 seed: int, report=None) -> tuple[float, str]:
+    """(best val accuracy, the precision it trained in: what finetune's runtime chose)."""
     seed_everything(seed)
     f = setup.params.finetune
     runtime = select_runtime(f.precision, training=True)
@@ -269,7 +270,7 @@ def cached_trial(setup: Setup, backbone, head: Head, cache_dir: Path, config: st
     _, history = train(model, optimizer, load("train"), load("val"), epochs=epochs, batch_size=f.batch_size,
                        runtime=runtime, seed=seed, label_smoothing=f.label_smoothing,
                        set_train_mode=set_train_mode, on_epoch=on_epoch, compile_model=f.compile)
-    return max(r.val_accuracy for r in history)
+    return max(r.val_accuracy for r in history), runtime.precision
 
 
 def our_extraction(setup: Setup, fast, cache_dir: Path, cache_blocks: int, train_views: int) -> float:
@@ -385,14 +386,14 @@ def main(params: Params, ks: list[int], epochs: int, n_trials: int, compile_mode
                 naive_acc = naive_trial(setup, backbone, head, config, epochs, params.seed)
             t1 = time.perf_counter()
             with PeakMemory() as m2:
-                our_acc = cached_trial(setup, backbone, head, cache_dir, config, epochs, params.seed)
+                our_acc, trained_in = cached_trial(setup, backbone, head, cache_dir, config, epochs, params.seed)
             t2 = time.perf_counter()
             naive_peak, our_peak = max(naive_peak, m1.mib), max(our_peak, m2.mib)
             naive_gpu, our_gpu = max(naive_gpu, m1.gpu_mib), max(our_gpu, m2.gpu_mib)
             accuracies.append((naive_acc, our_acc))
             rows.append((f"trial k={k}, seconds", t1 - t0, t2 - t1, "lower is better"))
             say(f"  trial k={k}: naive {t1 - t0:.1f}s (best val accuracy {naive_acc:.3f}), "
-                f"ours {t2 - t1:.1f}s ({our_acc:.3f})")
+                f"ours {t2 - t1:.1f}s ({our_acc:.3f}, trained in {trained_in})")
         rows.append((f"trials k={','.join(map(str, ks))}: mean best val accuracy",
                      float(np.mean([a for a, _ in accuracies])), float(np.mean([b for _, b in accuracies])),
                      "higher is better"))
@@ -403,7 +404,7 @@ def main(params: Params, ks: list[int], epochs: int, n_trials: int, compile_mode
                 lambda c, seed, report: naive_trial(setup, backbone, head, c, epochs, seed, report),
                 setup, n_trials)
             our_time, our_best = run_study(
-                lambda c, seed, report: cached_trial(setup, backbone, head, cache_dir, c, epochs, seed, report),
+                lambda c, seed, report: cached_trial(setup, backbone, head, cache_dir, c, epochs, seed, report)[0],
                 setup, n_trials)
             studied.append((naive_time, naive_best, our_time, our_best))
             say(f"  study seed {setup.params.seed}: naive {naive_time:.1f}s (best val accuracy {naive_best:.3f}), "
