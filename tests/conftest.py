@@ -90,7 +90,7 @@ def optuna_trial_ids(project: Path, state: str | None = None) -> set[int]:
     try:
         with sqlite3.connect(db, timeout=1) as connection:
             rows = connection.execute("select trial_id, state from trials").fetchall()
-    except sqlite3.OperationalError:
+    except sqlite3.Error:  # tables not created yet, locked for a moment, a file just being created
         return set()
     return {trial_id for trial_id, s in rows if state is None or s == state}
 
