@@ -84,20 +84,16 @@ def registry(env: dict):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def correct_on_test_split(project: Path, client, version: str, target: Path):
-    """Per-image correctness of a registered version on the project's current test split, scored
-    here, apart from evaluate: the gate's evidence, recomputed."""
-    import numpy as np
-    import pandas as pd
-
+def correct_on_test_split(client, version: str, target: Path):
+    """Per-image correctness of a registered version on the test split of the project in the
+    working directory, scored here, apart from evaluate: the gate's evidence, recomputed."""
+    from pipeline.data import holdout
     from pipeline.serving.classifier import ImageClassifier
     from pipeline.tracking.registry import download_checkpoint
 
-    manifest = pd.read_csv(project / "data/prepared/manifest.csv")
-    test = manifest[manifest.split == "test"]
-    pixels = np.load(project / "data/prepared/images.npy", mmap_mode="r")[test["index"].to_numpy()]
+    test, pixels = holdout.load()
     local = download_checkpoint(client.get_model_version("tiny-classifier", version), target)
-    predicted = ImageClassifier(local).probabilities(np.asarray(pixels)).argmax(axis=1)
+    predicted = ImageClassifier(local).probabilities(pixels).argmax(axis=1)
     return predicted == test.label_index.to_numpy()
 
 
@@ -164,7 +160,8 @@ def test_retrain_pulls_reproduces_what_changed_pushes_and_registers(tmp_path, mo
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
     store.setup_uri()  # download_checkpoint resolves models:/ through mlflow's global registry URI
-    right = {v: correct_on_test_split(ci, client, v, tmp_path / f"v{v}") for v in ("1", "2")}
+    monkeypatch.chdir(ci)  # holdout reads the prepared data where a stage would: the working directory
+    right = {v: correct_on_test_split(client, v, tmp_path / f"v{v}") for v in ("1", "2")}
     b, c = int((right["2"] & ~right["1"]).sum()), int((~right["2"] & right["1"]).sum())
     assert (decision["n"], decision["only_challenger_right"], decision["only_champion_right"]) == (
         len(right["2"]), b, c)
